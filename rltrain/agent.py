@@ -1,0 +1,233 @@
+"""The agent API: ``@rollout``, ``emit_reward``, and tool spans.
+
+An agent is the user's own function, ``(task, resources) -> reward``, sync or async, unchanged except for the
+decorator. While the runner executes it, a :class:`RolloutContext` (a ``contextvars`` variable, so it follows
+threads started through ``asyncio.to_thread`` and tasks) tells ``emit_reward`` and ``tool_span`` where to
+record. Outside a rollout both are harmless no-ops, so the same agent runs in a notebook without rltrain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from rltrain.store.base import Store
+from rltrain.types import Resources, Span, SpanKind
+
+logger = logging.getLogger(__name__)
+
+AgentFn = Callable[[dict[str, Any], Resources], "float | None | Awaitable[float | None]"]
+
+
+@dataclass
+class RolloutContext:
+    """Where the spans of the running attempt go. Made by the runner, one per attempt."""
+
+    rollout_id: str
+    attempt_no: int
+    store: Store
+    rewards: list[float] = field(default_factory=list)
+    #: set by the runner when the attempt ended (timed out, say) while the agent's thread still runs
+    closed: bool = False
+
+    def record(self, kind: SpanKind, name: str, start: float, attributes: dict[str, Any]) -> Span | None:
+        """Store one span; after the attempt ended nothing more is written (a hung agent that wakes up
+        late must not add spans to a finished rollout)."""
+        if self.closed:
+            logger.warning("rollout %s attempt %d already ended: %s span %r dropped",
+                           self.rollout_id, self.attempt_no, kind, name)
+            return None
+        span = Span(
+            rollout_id=self.rollout_id,
+            attempt_no=self.attempt_no,
+            kind=kind,
+            name=name,
+            start_time=start,
+            end_time=time.time(),
+            attributes=attributes,
+        )
+        return self.store.add_spans([span])[0]
+
+
+_current: contextvars.ContextVar[RolloutContext | None] = contextvars.ContextVar("rltrain_rollout", default=None)
+
+
+def current_context() -> RolloutContext | None:
+    """The context of the rollout running in this thread/task, or ``None`` outside the runner."""
+    return _current.get()
+
+
+@contextmanager
+def rollout_context(ctx: RolloutContext) -> Iterator[RolloutContext]:
+    """Make ``ctx`` current for the code inside (the runner wraps each attempt in this)."""
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+def emit_reward(value: float, name: str = "reward") -> None:
+    """Record a reward span for the running rollout. The agent's return value, when not ``None``, is the
+    rollout's final reward; otherwise the last emitted reward is."""
+    ctx = current_context()
+    if ctx is None:
+        logger.debug("emit_reward(%s) outside a rollout: ignored", value)
+        return
+    ctx.rewards.append(float(value))
+    ctx.record(SpanKind.REWARD, name, time.time(), {"value": float(value)})
+
+
+@dataclass
+class ToolCallHandle:
+    """Yielded by :func:`tool_span`; set ``result`` to have it recorded."""
+
+    name: str
+    arguments: dict[str, Any]
+    result: Any = None
+
+
+@contextmanager
+def tool_span(name: str, arguments: dict[str, Any] | None = None) -> Iterator[ToolCallHandle]:
+    """Record one tool call (name, arguments, result or error, duration) as a span.
+
+    An exception inside the block is recorded as the span's ``error`` and re-raised: the agent decides what a
+    failing tool means for its reward.
+    """
+    handle = ToolCallHandle(name=name, arguments=dict(arguments or {}))
+    start = time.time()
+    error: str | None = None
+    try:
+        yield handle
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        ctx = current_context()
+        if ctx is not None:
+            ctx.record(
+                SpanKind.TOOL,
+                name,
+                start,
+                {"arguments": handle.arguments, "result": _jsonable(handle.result), "error": error},
+            )
+
+
+def tool(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: every call of ``fn`` is recorded as a tool span with its keyword arguments and result."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        with tool_span(fn.__name__, dict(bound.arguments)) as call:
+            call.result = fn(*args, **kwargs)
+            return call.result
+
+    return wrapper
+
+
+def _jsonable(value: Any) -> Any:
+    """Tool results are stored as JSON; anything that is not JSON-native is kept as its ``repr``."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+class Agent:
+    """A decorated agent function. Call :meth:`run` to execute it inside a rollout context."""
+
+    def __init__(self, fn: AgentFn, name: str | None = None, needs_llm: bool = True) -> None:
+        self.fn = fn
+        self.name = name or fn.__name__
+        #: False for agents that never call a model (a solver): no engine is started for them
+        self.needs_llm = needs_llm
+        self.is_async = inspect.iscoroutinefunction(fn)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, task: dict[str, Any], resources: Resources) -> Any:
+        return self.fn(task, resources)
+
+    async def run(self, task: dict[str, Any], resources: Resources, ctx: RolloutContext) -> float | None:
+        """Execute once under ``ctx``; sync agents run in a thread of their own so they never block the loop.
+
+        Returns the agent's raw result (its return value, else its last emitted reward, else ``None``); the
+        runner validates it.
+        """
+        with rollout_context(ctx):
+            if self.is_async:
+                value = await self.fn(task, resources)  # type: ignore[misc]
+            else:
+                value = await _in_daemon_thread(self.fn, task, resources)
+        if value is None and ctx.rewards:
+            return ctx.rewards[-1]
+        return value  # type: ignore[return-value]
+
+
+def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """Run a sync agent in a daemon thread carrying the current contextvars.
+
+    Not a thread pool: a hung agent cannot be killed, and a pool would both cap concurrency at its size and
+    block interpreter exit on the hung thread. A daemon thread is abandoned on timeout and dies with the process.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled by a timeout: nobody is waiting any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def deliver(result: Any, error: BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: the run ended while this agent hung
+            logger.debug("agent thread finished after its event loop closed; result dropped")
+
+    def target() -> None:
+        try:
+            result = context.run(fn, *args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine as is
+            deliver(None, exc)
+        else:
+            deliver(result, None)
+
+    threading.Thread(target=target, daemon=True, name=f"agent-{getattr(fn, '__name__', 'fn')}").start()
+    return future
+
+
+def rollout(fn: AgentFn | None = None, *, name: str | None = None, needs_llm: bool = True) -> Any:
+    """Mark a function ``(task, resources) -> float | None`` as an rltrain agent (sync or async).
+
+    ``needs_llm=False`` declares an agent that never calls the model (a solver, a scripted teacher), so
+    evaluation starts no engine for it.
+    """
+    if fn is None:
+        return lambda f: Agent(f, name=name, needs_llm=needs_llm)
+    return Agent(fn, name=name, needs_llm=needs_llm)
+
+
+def format_exception(exc: BaseException) -> dict[str, Any]:
+    """The attributes of an exception span: type, message and the full traceback."""
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }

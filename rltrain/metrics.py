@@ -1,0 +1,141 @@
+"""Metrics: ``metrics.jsonl`` in the run directory, evaluation summaries, and reporting integrations.
+
+``metrics.jsonl`` is append-only, one JSON object per line, flushed and fsynced per line: a killed process
+loses at most the line it was writing, and :func:`read_metrics` skips a torn last line instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rltrain.types import Rollout, RolloutStatus, Span, SpanKind
+
+logger = logging.getLogger(__name__)
+
+
+class EvalSummary(BaseModel):
+    """How an agent did on one task set. Failed or timed-out rollouts count as reward 0 (and wrong)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_set: str
+    n: int
+    accuracy: float = Field(description="fraction of rollouts with reward 1.0")
+    mean_reward: float
+    parseable: float | None = Field(default=None, description="fraction whose answer could be parsed")
+    answer_distribution: dict[str, float] = Field(default_factory=dict)
+    failed: int = 0
+    timed_out: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    llm_calls: int = 0
+    mean_latency_s: float = 0.0
+    wall_s: float = 0.0
+
+
+def summarise(
+    task_set: str,
+    rollouts: list[Rollout],
+    spans_of: dict[str, list[Span]],
+    answers: dict[str, str | None],
+    wall_s: float,
+) -> EvalSummary:
+    """Aggregate finished rollouts (and their spans) into an :class:`EvalSummary`."""
+    n = len(rollouts)
+    rewards = [r.reward if r.status is RolloutStatus.SUCCEEDED and r.reward is not None else 0.0 for r in rollouts]
+    prompt_tokens = completion_tokens = calls = 0
+    for spans in spans_of.values():
+        for span in spans:
+            if span.kind is SpanKind.LLM:
+                usage = span.attributes.get("usage", {})
+                prompt_tokens += int(usage.get("prompt_tokens", 0))
+                completion_tokens += int(usage.get("completion_tokens", 0))
+                calls += 1
+    latencies = [r.ended_at - r.started_at for r in rollouts if r.ended_at and r.started_at]
+    counted = Counter(answers.get(r.rollout_id) or "<unparsed>" for r in rollouts)
+    return EvalSummary(
+        task_set=task_set,
+        n=n,
+        accuracy=sum(1 for x in rewards if x >= 1.0) / n if n else 0.0,
+        mean_reward=sum(rewards) / n if n else 0.0,
+        parseable=(1.0 - counted.get("<unparsed>", 0) / n) if n and answers else None,
+        answer_distribution={k: v / n for k, v in counted.most_common()} if answers else {},
+        failed=sum(r.status is RolloutStatus.FAILED for r in rollouts),
+        timed_out=sum(r.status is RolloutStatus.TIMED_OUT for r in rollouts),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        llm_calls=calls,
+        mean_latency_s=sum(latencies) / len(latencies) if latencies else 0.0,
+        wall_s=wall_s,
+    )
+
+
+class MetricsWriter:
+    """Appends metric records to ``metrics.jsonl`` (durably) and forwards them to ``report_to`` backends."""
+
+    def __init__(self, path: Path, report_to: list[str] | None = None, run_name: str = "run") -> None:
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._backends = [_make_backend(name, path.parent, run_name) for name in (report_to or [])]
+
+    def write(self, record: dict[str, Any], step: int | None = None) -> None:
+        line = json.dumps({"step": step, **record}, default=float)
+        with self.path.open("a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        numeric = {k: float(v) for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        for backend in self._backends:
+            backend(numeric, step)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All complete records; a torn last line (process killed mid-write) is skipped with a warning."""
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                logger.warning("%s: last line is incomplete (interrupted write); ignoring it", path)
+            else:
+                raise
+    return records
+
+
+def _make_backend(name: str, run_dir: Path, run_name: str) -> Any:
+    """A callable ``(metrics, step)`` for one ``report_to`` entry, imported only when asked for."""
+    if name == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+        def tb(metrics: dict[str, float], step: int | None) -> None:
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()
+
+        return tb
+    if name == "wandb":
+        import wandb
+
+        run = wandb.init(project="rltrain", name=run_name, dir=str(run_dir), resume="allow")
+        return lambda metrics, step: run.log(metrics, step=step)
+    if name == "mlflow":
+        import mlflow
+
+        mlflow.start_run(run_name=run_name)
+        return lambda metrics, step: mlflow.log_metrics(metrics, step=step)
+    raise ValueError(f"report_to: unknown backend {name!r}; expected tensorboard, wandb or mlflow")

