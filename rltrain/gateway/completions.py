@@ -1,0 +1,274 @@
+"""Serving one chat completion, independent of HTTP: the gateway's core.
+
+``request -> model check -> rollout attribution -> prompt ids (session prefix reuse) -> context check ->
+engine -> per choice: stop strings, tool-call parsing -> session memory -> llm spans``. The FastAPI app in
+:mod:`rltrain.gateway.app` only parses bodies, checks the key and writes the result out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from bisect import bisect_left
+from collections.abc import Sequence
+
+from rltrain.engines.base import Completion, ContextLengthError, Engine, EngineError, GenerationRequest
+from rltrain.gateway.chat_format import ChatFormat, ChatFormatError
+from rltrain.gateway.errors import (
+    ConflictError,
+    ContextLengthExceededError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from rltrain.gateway.responses import ChatResult, Choice
+from rltrain.gateway.schemas import ChatCompletionRequest, ChatMessage
+from rltrain.gateway.sessions import PromptPlan, SessionKey, SessionStore
+from rltrain.gateway.tool_calls import ParsedOutput, parse_tool_calls
+from rltrain.store.base import Store, UnknownRolloutError
+from rltrain.types import LLMCallRecord, RolloutStatus, Span, SpanKind
+
+#: model names of the form ``policy-v{N}`` address the policy after weight sync N (design decision 4)
+POLICY_ALIAS = re.compile(r"^policy-v(\d+)$")
+
+
+class ChatService:
+    """Chat completions over one engine, recorded as llm spans in ``store`` when attributed to a rollout.
+
+    ``max_n`` caps completions per request; ``served_models`` are extra names accepted for the engine's
+    model besides ``engine.model_name`` and ``policy-v{N}``.
+    """
+
+    def __init__(
+        self, engine: Engine, store: Store | None, *, max_n: int = 16, served_models: Sequence[str] = ()
+    ) -> None:
+        if max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {max_n}")
+        self.engine = engine
+        self.store = store
+        self.max_n = max_n
+        self.served_models = tuple(served_models)
+        self.chat_format = ChatFormat(engine.tokenizer)
+        self.sessions = SessionStore(self.chat_format)
+
+    # -- models and rollouts --------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        """What ``/v1/models`` lists: the engine's name, the extra names, the current policy alias."""
+        names = [self.engine.model_name, *self.served_models, f"policy-v{self.engine.policy_version}"]
+        return list(dict.fromkeys(names))
+
+    def check_model(self, name: str) -> None:
+        if name in (self.engine.model_name, *self.served_models) or POLICY_ALIAS.match(name):
+            return
+        raise NotFoundError(
+            f"model {name!r} does not exist here; this gateway serves {self.model_names()} (or any policy-v<N>)",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def attempt_of(self, rollout_id: str) -> int:
+        """The running attempt of ``rollout_id`` that a call is attributed to (404 unknown, 409 not running)."""
+        if self.store is None:
+            raise NotFoundError(
+                f"rollout {rollout_id!r} not found: this gateway has no store", code="rollout_not_found"
+            )
+        try:
+            rollout = await asyncio.to_thread(self.store.get_rollout, rollout_id)
+        except UnknownRolloutError:
+            raise NotFoundError(f"rollout {rollout_id!r} not found", code="rollout_not_found") from None
+        if rollout.status.finished:
+            self.sessions.drop(rollout_id)
+            raise ConflictError(
+                f"rollout already finished: rollout {rollout_id!r} is {rollout.status.value}",
+                code="rollout_finished",
+            )
+        if rollout.status != RolloutStatus.RUNNING:
+            raise ConflictError(
+                f"rollout {rollout_id!r} is {rollout.status.value}, not running; calls are accepted only while "
+                "an attempt runs",
+                code="rollout_not_running",
+            )
+        return rollout.attempt_count
+
+    def release_rollout(self, rollout_id: str) -> None:
+        """Forget the rollout's session (call when it finishes; the session is also dropped lazily)."""
+        self.sessions.drop(rollout_id)
+
+    # -- the completion -------------------------------------------------------------------------------
+    async def complete(
+        self, request: ChatCompletionRequest, *, rollout_id: str | None = None, tag: str | None = None
+    ) -> ChatResult:
+        """Serve ``request``; with ``rollout_id``, remember the turn and record one llm span per choice."""
+        started = time.time()
+        self.check_model(request.model)
+        if request.n > self.max_n:
+            raise InvalidRequestError(
+                f"n must be <= {self.max_n} on this gateway, got {request.n}", param="n"
+            )
+        key = SessionKey(rollout_id, await self.attempt_of(rollout_id)) if rollout_id is not None else None
+        try:
+            plan = self.sessions.plan(
+                key,
+                request.messages,
+                request.active_tools,
+                continue_final_message=request.continue_final_message,
+            )
+        except ChatFormatError as exc:
+            raise InvalidRequestError(str(exc), param="messages") from exc
+        generation = GenerationRequest(
+            prompt_ids=plan.prompt_ids,
+            max_tokens=self._max_tokens(request, len(plan.prompt_ids)),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            n=request.n,
+            seed=request.seed,
+            stop_token_ids=tuple(sorted(self.chat_format.end_of_turn_ids)),
+            adapter=request.model if POLICY_ALIAS.match(request.model) else None,
+        )
+        try:
+            generated = await self.engine.generate(generation)
+        except ContextLengthError as exc:
+            raise ContextLengthExceededError(str(exc)) from exc
+        except EngineError as exc:
+            if isinstance(exc, ValueError):  # the engine's own request validation
+                raise InvalidRequestError(f"the engine refused the request: {exc}") from exc
+            raise EngineUnavailableError(f"the engine failed to generate: {exc}") from exc
+        choices = [
+            self._choice(index, completion, request) for index, completion in enumerate(generated.completions)
+        ]
+        result = ChatResult(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(started),
+            model=request.model,
+            prompt_tokens=len(plan.prompt_ids),
+            choices=choices,
+        )
+        if key is not None and self.store is not None:
+            await self._remember(
+                self.store, key, request, plan, result, generated.policy_version, tag, started
+            )
+        return result
+
+    def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
+        """The completion budget: as asked, or what is left of the context; refused when it cannot fit."""
+        context = self.engine.max_context
+        room = context - prompt_tokens
+        asked = request.completion_limit
+        if room < 1:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {context} tokens, but the messages take {prompt_tokens} "
+                "tokens, leaving no room for a completion; shorten the messages"
+            )
+        if asked is not None and asked > room:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {context} tokens, but you requested {prompt_tokens + asked} "
+                f"tokens ({prompt_tokens} in the messages, {asked} in the completion); reduce the messages or "
+                "max_tokens",
+                param="max_tokens",
+            )
+        return asked if asked is not None else room
+
+    def _choice(self, index: int, completion: Completion, request: ChatCompletionRequest) -> Choice:
+        """One completion as served: cut at the first stop string, tool calls parsed when tools are active."""
+        ids, logprobs = list(completion.completion_ids), list(completion.logprobs)
+        finish_reason: str = completion.finish_reason
+        text = self.chat_format.decode(ids, skip_special_tokens=True)
+        cut = _first_stop(text, request.stop_strings)
+        if cut is not None:
+            start, end = cut
+            # Keep the tokens up to the one that completed the stop string: what a stopping engine samples.
+            kept = bisect_left(
+                range(len(ids) + 1),
+                end,
+                key=lambda n: len(self.chat_format.decode(ids[:n], skip_special_tokens=True)),
+            )
+            ids, logprobs, text, finish_reason = ids[:kept], logprobs[:kept], text[:start], "stop"
+        tools = request.active_tools
+        if tools:
+            parsed = parse_tool_calls(text, allowed_names={tool.function.name for tool in tools})
+        else:
+            parsed = ParsedOutput(content=text, tool_calls=[])
+        if parsed.tool_calls:
+            finish_reason = "tool_calls"
+        return Choice(
+            index=index,
+            completion_ids=ids,
+            logprobs=logprobs,
+            text=text,
+            parsed=parsed,
+            finish_reason=finish_reason,
+        )
+
+    async def _remember(
+        self,
+        store: Store,
+        key: SessionKey,
+        request: ChatCompletionRequest,
+        plan: PromptPlan,
+        result: ChatResult,
+        policy_version: int,
+        tag: str | None,
+        started: float,
+    ) -> None:
+        """Keep each choice as a session turn and record it as an llm span."""
+        ended = time.time()
+        messages = [message.model_dump(mode="json", exclude_none=True) for message in request.messages]
+        tools = (
+            [tool.model_dump(mode="json", exclude_none=True) for tool in request.tools]
+            if request.tools
+            else None
+        )
+        spans = []
+        for choice in result.choices:
+            reply = ChatMessage.model_validate(choice.message()).key()
+            self.sessions.record(
+                key,
+                request.messages,
+                plan,
+                choice.completion_ids,
+                reply,
+                continue_final_message=request.continue_final_message,
+            )
+            completion_tokens = len(choice.completion_ids)
+            record = LLMCallRecord(
+                model=request.model,
+                messages=messages,
+                tools=tools,
+                prompt_ids=plan.prompt_ids,
+                completion_ids=choice.completion_ids,
+                logprobs=choice.logprobs,
+                text=choice.text,
+                tool_calls=[call.to_openai() for call in choice.parsed.tool_calls] or None,
+                tool_call_error=choice.parsed.error,
+                finish_reason=choice.finish_reason,
+                usage={
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": result.prompt_tokens + completion_tokens,
+                },
+                policy_version=policy_version,
+                prefix_reused=plan.prefix_reused,
+                tag=tag,
+                latency_s=ended - started,
+                choice_index=choice.index,
+            )
+            spans.append(
+                Span(
+                    rollout_id=key.rollout_id,
+                    attempt_no=key.attempt_no,
+                    kind=SpanKind.LLM,
+                    name="chat.completions",
+                    start_time=started,
+                    end_time=ended,
+                    attributes=record.model_dump(mode="json"),
+                )
+            )
+        await asyncio.to_thread(store.add_spans, spans)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
+    """Start and end of the earliest stop string in ``text``, or ``None``."""
+    found = [(position, position + len(stop)) for stop in stops if (position := text.find(stop)) >= 0]
+    return min(found) if found else None
