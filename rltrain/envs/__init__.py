@@ -1,0 +1,76 @@
+"""Environments by name: ``get_env("room_selection", catalog="path.json")``.
+
+Environments are imported only when asked for, so ``import rltrain.envs`` stays cheap and an environment's
+dependencies are needed only by the runs that use it. Register your own with :func:`register_env`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from rltrain.envs.base import Environment
+
+EnvFactory = Callable[..., Environment]
+
+_REGISTRY: dict[str, str | EnvFactory] = {
+    "room_selection": "rltrain.envs.room_selection:RoomSelectionEnv",
+}
+
+
+class UnknownEnvironmentError(KeyError):
+    """An environment name nobody registered."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0])
+
+
+class EnvironmentOptionsError(TypeError):
+    """Options that the named environment does not accept."""
+
+
+def register_env(name: str, factory: EnvFactory) -> None:
+    """Make ``get_env(name, **options)`` return ``factory(**options)``."""
+    _REGISTRY[name] = factory
+
+
+def known_envs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _factory(name: str) -> EnvFactory:
+    try:
+        entry = _REGISTRY[name]
+    except KeyError:
+        raise UnknownEnvironmentError(
+            f"unknown environment {name!r}; known environments: {known_envs()}"
+        ) from None
+    if isinstance(entry, str):
+        module, _, attribute = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attribute)
+    return entry
+
+
+def get_env(name: str, **options: Any) -> Environment:
+    """The environment registered as ``name``, built with ``options`` (checked against its signature)."""
+    factory = _factory(name)
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError as exc:
+        raise EnvironmentOptionsError(
+            f"environment {name!r} does not accept options {sorted(options)}: {exc}; "
+            f"its signature is {name}{inspect.signature(factory)}"
+        ) from None
+    return factory(**options)
+
+
+__all__ = [
+    "Environment",
+    "EnvironmentOptionsError",
+    "UnknownEnvironmentError",
+    "get_env",
+    "known_envs",
+    "register_env",
+]

@@ -1,0 +1,65 @@
+"""The room-selection environment: pick the meeting room that fits a request, or answer ``No Room``.
+
+Task sets (``load_tasks``): ``public`` (the 40 packaged requests), ``public:train`` (first 28),
+``public:val`` (last 12), ``generated:n=200,seed=7`` (solver-labelled random requests), or a ``.jsonl`` path.
+Agent modes: ``tool`` (the seed's tool-calling agent), ``inline`` (room checks written into the prompt, for
+small models), ``solver`` (no model; the reference agent).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rltrain.agent import Agent
+from rltrain.envs.room_selection.agent import AGENT_MODES, GRADE_SPAN, make_agent
+from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
+from rltrain.envs.room_selection.prompts import DEFAULT_PROMPTS, default_prompts
+from rltrain.envs.room_selection.tasks import resolve_tasks
+from rltrain.types import PromptTemplate, Span, SpanKind, Task
+
+
+class RoomSelectionEnv:
+    """The environment for one catalog: ``"reference"`` (the packaged seven rooms) or a catalog file path."""
+
+    name = "room_selection"
+
+    def __init__(self, catalog: str | Path = "reference") -> None:
+        path = reference_catalog_path() if str(catalog) == "reference" else Path(catalog)
+        self.catalog_path = path
+        self.catalog: Catalog = load_catalog(path)
+        self._agents: dict[str, Agent] = {}
+
+    def load_tasks(self, spec: str) -> list[Task]:
+        return resolve_tasks(spec, self.catalog)
+
+    def agent(self, mode: str) -> Agent:
+        if mode not in self._agents:
+            self._agents[mode] = make_agent(mode, self.catalog)
+        return self._agents[mode]
+
+    def reference_agent(self) -> Agent:
+        return self.agent("solver")
+
+    def default_prompts(self, mode: str) -> dict[str, PromptTemplate]:
+        """The mode's templates; the solver reads none."""
+        if mode not in AGENT_MODES:
+            raise ValueError(
+                f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}"
+            )
+        return default_prompts(mode) if mode in DEFAULT_PROMPTS else {}
+
+    def answer_space(self) -> list[str]:
+        return self.catalog.answer_space()
+
+    def answer_of(self, spans: list[Span]) -> str | None:
+        """The choice of the last ``grade`` span (``None`` when unparseable or never graded)."""
+        for span in reversed(spans):
+            if span.kind == SpanKind.LOG and span.name == GRADE_SPAN:
+                return span.attributes.get("choice")
+        return None
+
+    def __repr__(self) -> str:
+        return f"RoomSelectionEnv(catalog={str(self.catalog_path)!r})"
+
+
+__all__ = ["RoomSelectionEnv"]

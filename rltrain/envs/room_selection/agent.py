@@ -1,0 +1,213 @@
+"""The room-selection agents: plain OpenAI-client programs, each an ``@rollout`` ``(task, resources) -> reward``.
+
+Modes:
+- ``tool``: the seed's agent. The model calls ``get_rooms_and_availability`` (OpenAI tools), sees the
+  result, and answers ``final_choice: <room>``; up to ``max_turns`` chat calls.
+- ``inline``: one chat call whose prompt already holds every room's checks (see :mod:`.prompts`). When the
+  resources carry a non-empty ``answer_prefix`` template, it is sent as the start of the assistant's answer
+  with ``continue_final_message`` (vLLM's extension, which the gateway also implements) and the model only
+  writes the rest; an empty or absent ``answer_prefix`` makes it a plain chat call.
+- ``solver``: answers with the solver and calls no model: the reference agent, 1.0 on any correctly labelled
+  task set, which checks the runner, store and grader end to end.
+
+Which catalog: an agent is made for one catalog by :func:`make_agent` (the environment passes its own), and
+a task whose payload names a ``catalog_path`` is answered against that file instead (loaded once per
+process). Nothing is configured globally, so agents for different catalogs run side by side in one process.
+The module-level ``room_selector_*`` agents use the reference catalog.
+
+Every agent grades its answer with :func:`.solver.grade`, records a ``grade`` log span (choice, expected,
+correct, parseable: what the answer-distribution diagnostics read), emits the reward and returns it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from openai import OpenAI
+
+from rltrain.agent import Agent, current_context, emit_reward, rollout
+from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
+from rltrain.envs.room_selection.prompts import prompt_values
+from rltrain.envs.room_selection.solver import grade, solve
+from rltrain.envs.room_selection.tasks import RoomRequest, request_of
+from rltrain.envs.room_selection.tools import TOOL_DEFINITIONS, execute_tool_call
+from rltrain.types import LLMResource, PromptTemplate, Resources, SpanKind
+
+logger = logging.getLogger(__name__)
+
+AGENT_MODES = ("tool", "inline", "solver")
+DEFAULT_MAX_TURNS = 4
+GRADE_SPAN = "grade"
+CONTINUE_ANSWER = {"continue_final_message": True, "add_generation_prompt": False}
+"""``extra_body`` that makes the server continue the last (assistant) message instead of starting a new turn;
+vLLM rejects ``continue_final_message`` unless ``add_generation_prompt`` is turned off with it."""
+
+Answerer = Callable[[RoomRequest, Resources, Catalog], str]
+
+
+@functools.lru_cache(maxsize=16)
+def _catalog_at(path: str) -> Catalog:
+    return load_catalog(path)
+
+
+def _catalog_for(task: dict[str, Any], bound: Catalog | None) -> Catalog:
+    """The task's own ``catalog_path`` if it names one, else the agent's catalog, else the reference one."""
+    if task.get("catalog_path"):
+        return _catalog_at(str(Path(task["catalog_path"]).resolve()))
+    return bound if bound is not None else _catalog_at(str(reference_catalog_path()))
+
+
+def _template(resources: Resources, name: str, mode: str) -> PromptTemplate:
+    try:
+        return resources.prompts[name]
+    except KeyError:
+        raise KeyError(
+            f"the {mode} agent needs a prompt template named {name!r} in resources.prompts, which has "
+            f"{sorted(resources.prompts)}; start from the environment's default_prompts({mode!r})"
+        ) from None
+
+
+def _sampling(llm: LLMResource) -> dict[str, Any]:
+    """The chat-call keyword arguments for the lent sampling parameters (``seed`` only when set)."""
+    params = llm.sampling
+    kwargs: dict[str, Any] = {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_tokens,
+    }
+    if params.seed is not None:
+        kwargs["seed"] = params.seed
+    return kwargs
+
+
+def _opening_messages(
+    mode: str, request: RoomRequest, resources: Resources, catalog: Catalog
+) -> list[dict[str, Any]]:
+    values = prompt_values(mode, request, catalog)
+    return [
+        {"role": "system", "content": _template(resources, "system", mode).format(**values)},
+        {"role": "user", "content": _template(resources, "user", mode).format(**values)},
+    ]
+
+
+def _name_and_arguments(call: Any) -> tuple[str, str]:
+    """Name and argument string of a tool call, function or custom (whose free-text input is taken as the
+    arguments, and then fails validation unless it is the JSON object the function expects)."""
+    if call.type == "function":
+        return call.function.name, call.function.arguments
+    return call.custom.name, call.custom.input
+
+
+def _answer_with_tools(request: RoomRequest, resources: Resources, catalog: Catalog, max_turns: int) -> str:
+    """Chat with tools until the model answers without calling one (or ``max_turns`` calls are spent)."""
+    messages = _opening_messages("tool", request, resources, catalog)
+    with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
+        for _ in range(max_turns):
+            response = client.chat.completions.create(
+                model=resources.llm.model,
+                messages=messages,  # type: ignore[arg-type]
+                tools=TOOL_DEFINITIONS,  # type: ignore[arg-type]
+                tool_choice="auto",
+                **_sampling(resources.llm),
+            )
+            message = response.choices[0].message
+            if not message.tool_calls:
+                return message.content or ""
+            calls = [_name_and_arguments(call) for call in message.tool_calls]
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": message.content,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": arguments},
+                        }
+                        for call, (name, arguments) in zip(message.tool_calls, calls, strict=True)
+                    ],
+                }
+            )
+            for call, (name, arguments) in zip(message.tool_calls, calls, strict=True):
+                result = execute_tool_call(name, arguments, catalog)
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+    logger.debug("tool agent used all %d turns without a final answer", max_turns)
+    return message.content or ""
+
+
+def _answer_inline(request: RoomRequest, resources: Resources, catalog: Catalog) -> str:
+    """One chat call; with an answer prefix, the model continues it and the answer is prefix + continuation."""
+    messages = _opening_messages("inline", request, resources, catalog)
+    prefix_template = resources.prompts.get("answer_prefix")
+    prefix = prefix_template.format() if prefix_template is not None else ""
+    extra: dict[str, Any] = {}
+    if prefix:
+        messages.append({"role": "assistant", "content": prefix})
+        extra["extra_body"] = CONTINUE_ANSWER
+    with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
+        response = client.chat.completions.create(
+            model=resources.llm.model,
+            messages=messages,  # type: ignore[arg-type]
+            **_sampling(resources.llm),
+            **extra,
+        )
+    return prefix + (response.choices[0].message.content or "")
+
+
+def _answer_with_solver(request: RoomRequest, resources: Resources, catalog: Catalog) -> str:
+    return f"final_choice: {solve(request, catalog)}"
+
+
+def record_grade(answer_text: str, expected: str, catalog: Catalog) -> float:
+    """Grade an answer, record the ``grade`` span (inside a rollout), emit and return the reward."""
+    start = time.time()
+    result = grade(answer_text, expected, catalog.room_ids)
+    ctx = current_context()
+    if ctx is not None:
+        ctx.record(
+            SpanKind.LOG,
+            GRADE_SPAN,
+            start,
+            {
+                "choice": result.choice,
+                "expected": result.expected,
+                "correct": result.correct,
+                "parseable": result.parseable,
+            },
+        )
+    emit_reward(result.reward)
+    return result.reward
+
+
+def make_agent(mode: str, catalog: Catalog | None = None, max_turns: int = DEFAULT_MAX_TURNS) -> Agent:
+    """The agent of ``mode`` (``tool``, ``inline`` or ``solver``) answering against ``catalog`` (the
+    reference catalog when ``None``); ``max_turns`` bounds the chat calls of the tool agent."""
+    if mode not in AGENT_MODES:
+        raise ValueError(f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}")
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be at least 1, got {max_turns}")
+    answerers: dict[str, Answerer] = {
+        "tool": functools.partial(_answer_with_tools, max_turns=max_turns),
+        "inline": _answer_inline,
+        "solver": _answer_with_solver,
+    }
+    answer = answerers[mode]
+
+    def room_selector(task: dict[str, Any], resources: Resources) -> float:
+        task_catalog = _catalog_for(task, catalog)
+        return record_grade(
+            answer(request_of(task), resources, task_catalog), task["expected_choice"], task_catalog
+        )
+
+    return rollout(room_selector, name=f"room_selector_{mode}", needs_llm=mode != "solver")
+
+
+room_selector_tool = make_agent("tool")
+room_selector_inline = make_agent("inline")
+room_selector_solver = make_agent("solver")

@@ -1,0 +1,190 @@
+"""Room requests and task files: validation, loading, writing, and the recipe strings that name task sets.
+
+A task row is ``{"id", "task_input": {...request...}, "expected_choice"}`` (the public room-selector format),
+optionally with ``catalog_path`` naming the catalog it is labelled against. Rows are validated on load, and
+the :class:`~rltrain.types.Task` payload is the row exactly as read, so what the agent sees is what the file
+says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
+from rltrain.envs.room_selection.schema import Clock, IsoDate, describe_validation_error
+from rltrain.types import Task
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_TASKS_PATH = Path(__file__).resolve().parent / "data" / "room_tasks_public.jsonl"
+PUBLIC_TRAIN_SIZE = 28
+"""The public file's authors train on its first 28 rows and validate on the rest."""
+
+
+class TaskSpecError(ValueError):
+    """A task file, task row or task recipe string that cannot be turned into tasks."""
+
+
+class RoomRequest(BaseModel):
+    """What a user asks for: a slot, a head count, equipment, and whether the room must be accessible."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    date: IsoDate
+    time: Clock
+    duration_min: PositiveInt
+    attendees: PositiveInt
+    needs: list[str]
+    accessible_required: bool
+
+    @field_validator("needs")
+    @classmethod
+    def _distinct_needs(cls, value: list[str]) -> list[str]:
+        # The equipment-surplus tie-break counts needs, so a duplicate would change which room wins.
+        duplicates = sorted({item for item in value if value.count(item) > 1})
+        if duplicates:
+            raise ValueError(f"needs lists {duplicates} more than once")
+        return value
+
+
+class TaskRow(BaseModel):
+    """One line of a task file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str = Field(min_length=1)
+    task_input: RoomRequest
+    expected_choice: str = Field(min_length=1)
+    catalog_path: str | None = None
+
+
+def request_of(payload: dict[str, Any]) -> RoomRequest:
+    """The validated request inside a task payload (what every agent starts from)."""
+    try:
+        return RoomRequest.model_validate(payload.get("task_input"))
+    except ValidationError as exc:
+        raise TaskSpecError(
+            f"task {payload.get('id')!r}: task_input: {describe_validation_error(exc)}"
+        ) from exc
+
+
+def load_tasks(path: str | Path, answers: Collection[str] | None = None) -> list[Task]:
+    """Read a JSONL task file, one row a line (blank lines skipped).
+
+    With ``answers`` (a catalog's answer space), every ``expected_choice`` of a row that does not name its own
+    ``catalog_path`` must be one of them: a label naming a room that does not exist could never be earned.
+    Errors name the file, the line, the field and the value.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise TaskSpecError(f"cannot read task file {path}: {exc.strerror or exc}") from exc
+    tasks: list[Task] = []
+    first_line_of: dict[str, int] = {}
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TaskSpecError(f"{where}: not valid JSON (column {exc.colno}: {exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise TaskSpecError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        try:
+            parsed = TaskRow.model_validate(row)
+        except ValidationError as exc:
+            raise TaskSpecError(f"{where}: {describe_validation_error(exc)}") from exc
+        if parsed.id in first_line_of:
+            raise TaskSpecError(f"{where}: id {parsed.id!r} already used on line {first_line_of[parsed.id]}")
+        first_line_of[parsed.id] = line_no
+        if answers is not None and parsed.catalog_path is None and parsed.expected_choice not in answers:
+            raise TaskSpecError(
+                f"{where}: expected_choice {parsed.expected_choice!r} is not an answer of the catalog "
+                f"(expected one of {sorted(answers)})"
+            )
+        tasks.append(Task.from_row(row, len(tasks)))
+    logger.debug("loaded %d tasks from %s", len(tasks), path)
+    return tasks
+
+
+def write_tasks(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write rows as JSONL after validating each one, so that only loadable files are ever written."""
+    path = Path(path)
+    lines = []
+    for index, row in enumerate(rows):
+        try:
+            TaskRow.model_validate(row)
+        except ValidationError as exc:
+            raise TaskSpecError(f"row {index} ({row.get('id')!r}): {describe_validation_error(exc)}") from exc
+        lines.append(json.dumps(row) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+_SPEC_HELP = (
+    "expected 'public', 'public:train' (first 28), 'public:val' (the rest), "
+    "'generated:n=<count>,seed=<int>', or the path of a .jsonl task file"
+)
+
+
+def resolve_tasks(spec: str, catalog: Catalog) -> list[Task]:
+    """The tasks a recipe string names, labelled against ``catalog``.
+
+    The public tasks are labelled against the reference catalog, so asking for them with another catalog is
+    an error rather than a set of wrong labels. Generated requests never repeat a public request, so a model
+    trained on generated tasks is never shown a public validation request.
+    """
+    kind, _, argument = spec.strip().partition(":")
+    if kind == "public":
+        return _public_tasks(argument, catalog)
+    if kind == "generated":
+        # Imported here because the generator builds on this module's RoomRequest.
+        from rltrain.envs.room_selection.generator import generate_tasks
+
+        count, seed = _generated_options(spec, argument)
+        public_requests = [task.payload["task_input"] for task in load_tasks(PUBLIC_TASKS_PATH)]
+        rows = generate_tasks(catalog, count, seed, exclude=public_requests)
+        return [Task.from_row(row, index) for index, row in enumerate(rows)]
+    path = Path(spec)
+    if path.suffix == ".jsonl":
+        return load_tasks(path, answers=catalog.answer_space())
+    raise TaskSpecError(f"unknown task set {spec!r}: {_SPEC_HELP}")
+
+
+def _public_tasks(split: str, catalog: Catalog) -> list[Task]:
+    if catalog.model_dump() != load_catalog(reference_catalog_path()).model_dump():
+        raise TaskSpecError(
+            "the public tasks are labelled against the reference catalog (room_catalog_7.json); this "
+            "environment uses another catalog: use 'generated:...' or a task file labelled for it"
+        )
+    tasks = load_tasks(PUBLIC_TASKS_PATH, answers=catalog.answer_space())
+    splits = {"": tasks, "train": tasks[:PUBLIC_TRAIN_SIZE], "val": tasks[PUBLIC_TRAIN_SIZE:]}
+    if split not in splits:
+        raise TaskSpecError(
+            f"unknown public split in 'public:{split}': expected 'public', 'public:train' or 'public:val'"
+        )
+    return splits[split]
+
+
+def _generated_options(spec: str, argument: str) -> tuple[int, int]:
+    options: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in argument.split(","))):
+        key, equals, value = item.partition("=")
+        if key not in ("n", "seed") or not equals:
+            raise TaskSpecError(f"task set {spec!r}: unknown option {item!r}; {_SPEC_HELP}")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise TaskSpecError(f"task set {spec!r}: {key} must be an integer, got {value!r}") from None
+    if "n" not in options or options["n"] < 1:
+        raise TaskSpecError(f"task set {spec!r}: needs n=<count> with count >= 1; {_SPEC_HELP}")
+    return options["n"], options.get("seed", 0)

@@ -1,0 +1,669 @@
+"""The room-selection environment: data, solver, generator, grader, tools, prompts and agents.
+
+The chat agents are run against a scripted OpenAI-compatible HTTP endpoint (a few canned replies, the
+requests recorded) so that their message handling is tested without a model or the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rltrain.agent import Agent, RolloutContext
+from rltrain.envs import EnvironmentOptionsError, UnknownEnvironmentError, get_env
+from rltrain.envs.base import Environment
+from rltrain.envs.room_selection import RoomSelectionEnv
+from rltrain.envs.room_selection.agent import CONTINUE_ANSWER, make_agent, room_selector_solver
+from rltrain.envs.room_selection.catalog import (
+    Catalog,
+    CatalogError,
+    load_catalog,
+    reference_catalog_path,
+)
+from rltrain.envs.room_selection.generator import MAX_LABEL_SHARE, generate_tasks
+from rltrain.envs.room_selection.prompts import default_prompts, prompt_values
+from rltrain.envs.room_selection.schema import NO_ROOM, overlaps
+from rltrain.envs.room_selection.solver import check_rooms, feasible_rooms, grade, solve
+from rltrain.envs.room_selection.tasks import (
+    PUBLIC_TASKS_PATH,
+    RoomRequest,
+    TaskSpecError,
+    load_tasks,
+    request_of,
+    resolve_tasks,
+    write_tasks,
+)
+from rltrain.envs.room_selection.tools import (
+    TOOL_DEFINITIONS,
+    TOOL_NAME,
+    ToolCallError,
+    execute_tool_call,
+    parse_tool_call,
+)
+from rltrain.store.memory import MemoryStore
+from rltrain.types import LLMResource, PromptTemplate, Resources, Rollout, SamplingParams, SpanKind, Task
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GOOD_ARGS = json.dumps({"date": "2025-10-13", "time": "14:30", "duration_min": 30})
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return load_catalog(reference_catalog_path())
+
+
+@pytest.fixture(scope="module")
+def env() -> RoomSelectionEnv:
+    return RoomSelectionEnv()
+
+
+@pytest.fixture(scope="module")
+def public(env: RoomSelectionEnv) -> list[Task]:
+    return env.load_tasks("public")
+
+
+def _request(**changes: Any) -> RoomRequest:
+    fields = {
+        "date": "2025-10-13",
+        "time": "14:30",
+        "duration_min": 30,
+        "attendees": 12,
+        "needs": ["whiteboard", "confphone"],
+        "accessible_required": True,
+    }
+    return RoomRequest(**{**fields, **changes})
+
+
+def _row(task_id: str = "t1", **changes: Any) -> dict[str, Any]:
+    return {"id": task_id, "task_input": _request().model_dump(), "expected_choice": "Nova", **changes}
+
+
+def _resources(mode: str, base_url: str = "http://127.0.0.1:9/v1", **prompts: PromptTemplate) -> Resources:
+    return Resources(
+        llm=LLMResource(
+            base_url=base_url, model="policy", sampling=SamplingParams(temperature=0.7, max_tokens=20, seed=3)
+        ),
+        prompts={**default_prompts(mode), **prompts} if mode != "solver" else {},
+    )
+
+
+def _run_in_rollout(agent: Agent, task: Task, resources: Resources) -> tuple[float | None, list[Any]]:
+    """Run the agent as the runner does (Agent.run under a RolloutContext) and return its reward and spans."""
+    store = MemoryStore()
+    store.enqueue_rollouts([Rollout(task=task)])
+    claimed = store.claim_rollout("worker-0")
+    assert claimed is not None
+    rollout, attempt = claimed
+    ctx = RolloutContext(rollout_id=rollout.rollout_id, attempt_no=attempt.attempt_no, store=store)
+    reward = asyncio.run(agent.run(task.payload, resources, ctx))
+    return reward, store.get_spans(rollout.rollout_id)
+
+
+# -- data and solver -------------------------------------------------------------------------------------
+
+
+def test_solver_reproduces_every_public_label(public: list[Task], catalog: Catalog) -> None:
+    assert len(public) == 40
+    assert [solve(request_of(t.payload), catalog) for t in public] == [
+        t.payload["expected_choice"] for t in public
+    ]
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="no shared reference data beside this checkout")
+@pytest.mark.parametrize("name", ["room_catalog_7.json", "room_tasks_public.jsonl"])
+def test_packaged_data_is_the_shared_reference_data(name: str) -> None:
+    packaged = reference_catalog_path().parent / name
+    assert packaged.read_bytes() == (SHARED_DATA / name).read_bytes()
+
+
+def test_task_payload_is_the_row_as_read(public: list[Task]) -> None:
+    first = json.loads(PUBLIC_TASKS_PATH.read_text().splitlines()[0])
+    assert public[0].id == first["id"] == "s01"
+    assert public[0].payload == first
+
+
+@pytest.mark.parametrize(
+    ("start", "duration", "free"),
+    [
+        ("09:30", 30, True),
+        ("10:00", 30, False),
+        ("10:30", 30, False),
+        ("11:00", 30, True),
+        ("09:00", 61, False),
+    ],
+)
+def test_bookings_are_half_open_intervals(catalog: Catalog, start: str, duration: int, free: bool) -> None:
+    orion = catalog.rooms[0]  # booked 10:00-11:00 and 15:00-15:30 on 2025-10-13
+    assert orion.is_free("2025-10-13", start, duration) is free
+    assert orion.is_free("2025-10-14", start, duration)
+
+
+@given(st.integers(0, 23 * 60), st.integers(1, 120), st.integers(0, 23 * 60), st.integers(1, 120))
+def test_overlap_agrees_with_minute_sets(a: int, da: int, b: int, db: int) -> None:
+    def clock(minutes: int) -> str:
+        return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+    shared = set(range(a, a + da)) & set(range(b, b + db))
+    assert overlaps(clock(a), da, clock(b), db) is bool(shared)
+
+
+def test_tie_breaks_apply_in_order(catalog: Catalog) -> None:
+    # 3 people, whiteboard: Orion (slack 1) beats Atlas/Pulse/... (slack >= 3).
+    assert solve(_request(attendees=3, needs=["whiteboard"], accessible_required=False), catalog) == "Orion"
+    # 6 people, projector: Atlas (6 seats) fits exactly; Quark and Lyra have seats to spare.
+    assert solve(_request(attendees=6, needs=["projector"], accessible_required=False), catalog) == "Atlas"
+    # 8 people, whiteboard: Quark (2 items, 18 m) and Pulse (3 items, 8 m): fewer extra items beats distance.
+    assert solve(_request(attendees=8, needs=["whiteboard"], accessible_required=False), catalog) == "Quark"
+    # No room has a ledwall and a projector.
+    assert solve(_request(attendees=2, needs=["ledwall", "projector"]), catalog) == NO_ROOM
+
+
+def test_bookings_that_day_then_catalog_order_break_the_last_ties() -> None:
+    def room(room_id: str, bookings: list[str]) -> dict[str, Any]:
+        booked = [{"date": "2025-10-13", "time": time, "duration_min": 30} for time in bookings]
+        return {
+            "id": room_id,
+            "capacity": 4,
+            "equipment": ["tv"],
+            "accessible": True,
+            "distance_m": 5,
+            "booked": booked,
+        }
+
+    busy, quiet, twin = room("Busy", ["08:00", "09:00"]), room("Quiet", ["08:00"]), room("Twin", ["09:00"])
+    request = _request(attendees=4, needs=["tv"])
+    assert solve(request, Catalog.model_validate({"rooms": [busy, quiet]})) == "Quiet"
+    assert solve(request, Catalog.model_validate({"rooms": [busy, twin, quiet]})) == "Twin"
+    assert solve(request, Catalog.model_validate({"rooms": [busy, quiet, twin]})) == "Quiet"
+
+
+def test_feasible_rooms_are_ranked_best_first(catalog: Catalog) -> None:
+    request = _request(attendees=2, needs=["whiteboard"], accessible_required=True)
+    ranked = [room.id for room in feasible_rooms(request, catalog)]
+    assert ranked[0] == solve(request, catalog) == "Orion"
+    assert set(ranked) == {c.room.id for c in check_rooms(request, catalog) if c.passes}
+    assert "Quark" not in ranked  # not accessible
+
+
+# -- catalog and task files --------------------------------------------------------------------------------
+
+
+def _write_catalog(tmp_path: Path, edit: Any) -> Path:
+    data = json.loads(reference_catalog_path().read_text())
+    edit(data)
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragments"),
+    [
+        (lambda d: d["rooms"][2].update(capacity=-1), ["rooms.2.capacity", "-1"]),
+        (
+            lambda d: d["rooms"][0]["booked"][1].update(time="3pm"),
+            ["rooms.0.booked.1.time", "HH:MM", "'3pm'"],
+        ),
+        (lambda d: d["rooms"][1].update(id="Orion"), ["rooms", "'Orion'", "more than once"]),
+        (lambda d: d["rooms"][3].update(accessible="yes"), ["rooms.3.accessible", "'yes'"]),
+        (lambda d: d["rooms"][4].update(colour="red"), ["rooms.4.colour", "red"]),
+        (lambda d: d["rooms"][5].pop("distance_m"), ["rooms.5.distance_m", "missing"]),
+    ],
+)
+def test_catalog_errors_name_file_field_and_value(tmp_path: Path, edit: Any, fragments: list[str]) -> None:
+    path = _write_catalog(tmp_path, edit)
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    for fragment in [str(path), *fragments]:
+        assert fragment in str(info.value)
+
+
+def test_catalog_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match="cannot read catalog file"):
+        load_catalog(tmp_path / "absent.json")
+    (tmp_path / "broken.json").write_text('{"rooms": [')
+    with pytest.raises(CatalogError, match=r"broken.json: not valid JSON at line 1"):
+        load_catalog(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize(
+    ("second_line", "fragments"),
+    [
+        ('{"id": "t2", "task_input": ', ["not valid JSON"]),
+        ('["t2"]', ["expected a JSON object", "list"]),
+        ('{"id": "t2", "expected_choice": "Nova"}', ["task_input", "missing"]),
+        (
+            json.dumps(_row("t2", task_input={**_request().model_dump(), "attendees": "12"})),
+            ["task_input.attendees", "'12'"],
+        ),
+        (
+            json.dumps(_row("t2", task_input={**_request().model_dump(), "time": "2:30"})),
+            ["task_input.time", "HH:MM", "'2:30'"],
+        ),
+        (
+            json.dumps(_row("t2", task_input={**_request().model_dump(), "needs": "tv"})),
+            ["task_input.needs", "'tv'"],
+        ),
+        (
+            json.dumps(_row("t2", task_input={**_request().model_dump(), "duration_min": 0})),
+            ["task_input.duration_min", "0"],
+        ),
+        (json.dumps(_row("t2", expected_choice=3)), ["expected_choice", "3"]),
+        (json.dumps(_row("t2", note="x")), ["note", "'x'"]),
+        (json.dumps(_row("t1")), ["id 't1' already used on line 1"]),
+        (json.dumps(_row("t2", expected_choice="Narnia")), ["expected_choice 'Narnia'", "No Room"]),
+    ],
+)
+def test_malformed_task_rows_name_file_line_field_and_value(
+    tmp_path: Path, catalog: Catalog, second_line: str, fragments: list[str]
+) -> None:
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps(_row("t1")) + "\n\n" + second_line + "\n")
+    with pytest.raises(TaskSpecError) as info:
+        load_tasks(path, answers=catalog.answer_space())
+    for fragment in [f"{path}:3", *fragments]:
+        assert fragment in str(info.value)
+
+
+def test_write_tasks_refuses_invalid_rows(tmp_path: Path) -> None:
+    with pytest.raises(TaskSpecError, match=r"row 1 \('t2'\): task_input.attendees"):
+        write_tasks(
+            tmp_path / "x.jsonl",
+            [_row("t1"), _row("t2", task_input={**_request().model_dump(), "attendees": 0})],
+        )
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+# -- generated tasks and task specs ------------------------------------------------------------------------
+
+
+def test_generated_tasks_round_trip_and_keep_their_labels(tmp_path: Path, catalog: Catalog) -> None:
+    rows = generate_tasks(catalog, 60, seed=7)
+    assert [row["id"] for row in rows] == [f"g7-{i}" for i in range(60)]
+    loaded = load_tasks(write_tasks(tmp_path / "gen" / "tasks.jsonl", rows), answers=catalog.answer_space())
+    assert [task.payload for task in loaded] == rows
+    for task in loaded:
+        request = request_of(task.payload)
+        assert request.date in catalog.booking_dates
+        assert "08:00" <= request.time <= "18:00" and request.time[3:] in ("00", "30")
+        assert request.duration_min in (30, 60, 90, 120) and 1 <= request.attendees <= 14
+        assert set(request.needs) <= set(catalog.equipment)
+        assert solve(request, catalog) == task.payload["expected_choice"]
+
+
+def test_generation_is_deterministic_per_seed(catalog: Catalog) -> None:
+    def inputs(seed: int) -> list[dict[str, Any]]:
+        return [row["task_input"] for row in generate_tasks(catalog, 30, seed)]
+
+    assert inputs(7) == inputs(7)
+    assert inputs(7) != inputs(8)
+
+
+def test_generated_labels_are_not_dominated_by_one_answer(catalog: Catalog) -> None:
+    labels = Counter(row["expected_choice"] for row in generate_tasks(catalog, 200, seed=1))
+    assert max(labels.values()) <= (MAX_LABEL_SHARE + 0.01) * 200
+    assert labels[NO_ROOM] > 0 and len(labels) >= 6
+
+
+def test_excluded_requests_are_never_generated(catalog: Catalog) -> None:
+    rows = generate_tasks(catalog, 50, seed=4)
+    excluded = [row["task_input"] for row in rows[::2]]
+    # Needs in another order are the same request.
+    excluded[0] = {**excluded[0], "needs": excluded[0]["needs"][::-1]}
+    again = [row["task_input"] for row in generate_tasks(catalog, 50, seed=4, exclude=excluded)]
+    assert not [request for request in again if request in [row["task_input"] for row in rows[::2]]]
+    assert rows[1]["task_input"] in again
+
+
+def test_resolve_public_splits(catalog: Catalog) -> None:
+    train, val = resolve_tasks("public:train", catalog), resolve_tasks("public:val", catalog)
+    assert (len(train), len(val)) == (28, 12)
+    assert [t.id for t in train + val] == [t.id for t in resolve_tasks("public", catalog)]
+
+
+def test_resolve_a_task_file(tmp_path: Path, catalog: Catalog) -> None:
+    path = write_tasks(tmp_path / "mine.jsonl", [_row("a"), _row("b")])
+    assert [t.id for t in resolve_tasks(str(path), catalog)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("public:test", "unknown public split in 'public:test'"),
+        ("generated:seed=3", "needs n=<count>"),
+        ("generated:n=ten", "n must be an integer, got 'ten'"),
+        ("generated:n=5,size=3", "unknown option 'size=3'"),
+        ("tasks.csv", "unknown task set 'tasks.csv'"),
+        ("absent.jsonl", "cannot read task file absent.jsonl"),
+    ],
+)
+def test_bad_task_specs_say_what_is_accepted(catalog: Catalog, spec: str, message: str) -> None:
+    with pytest.raises(TaskSpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_tasks(spec, catalog)
+
+
+def test_public_tasks_need_the_reference_catalog(tmp_path: Path) -> None:
+    other = load_catalog(_write_catalog(tmp_path, lambda d: d["rooms"][0].update(capacity=5)))
+    with pytest.raises(TaskSpecError, match="labelled against the reference catalog"):
+        resolve_tasks("public:val", other)
+
+
+# -- grading -----------------------------------------------------------------------------------------------
+
+ROOMS = ["Orion", "Lyra", "Vega", "Nova", "Quark", "Atlas", "Pulse"]
+
+
+@pytest.mark.parametrize(
+    ("text", "choice"),
+    [
+        ("final_choice: Orion", "Orion"),
+        ("final_choice: orion\nreason: smallest slack", "Orion"),
+        ("Final answer: No Room", NO_ROOM),
+        ("final_choice: no room", NO_ROOM),
+        ("**Final Choice:** `Pulse`.", "Pulse"),
+        ("final_choice:\nLyra", "Lyra"),
+        ("final_choice: Orion\nOn reflection...\nfinal_choice: Lyra", "Lyra"),
+        ("final_choice: Orion (Lyra is busy)", "Orion"),
+        ("The best room is Atlas because it is closest.", "Atlas"),
+        ("Atlas. Atlas is free.", "Atlas"),
+        ("Atlas or Pulse would do.", None),
+        ("final_choice: <ROOM_ID or No Room>", None),
+        ("final_choice: <ROOM_ID or No Room>\nfinal_choice: Vega", "Vega"),
+        ("final_choice: Mars", None),
+        ("I cannot decide.", None),
+        ("", None),
+        ("NovaX and Orionids", None),
+    ],
+)
+def test_grade_parses_the_choice(text: str, choice: str | None) -> None:
+    result = grade(text, "Lyra", ROOMS)
+    assert (result.choice, result.parseable) == (choice, choice is not None)
+    assert result.correct is (choice == "Lyra")
+    assert result.reward == (1.0 if choice == "Lyra" else 0.0)
+
+
+def test_grade_without_room_ids_still_knows_the_expected_answer_and_no_room() -> None:
+    assert grade("final_choice: lyra", "Lyra").correct
+    assert grade("final_choice: No Room", "Lyra").choice == NO_ROOM
+    assert grade("final_choice: Orion", "Lyra").choice is None
+
+
+# -- the tool ----------------------------------------------------------------------------------------------
+
+
+def test_tool_schema_matches_the_argument_model() -> None:
+    parameters = TOOL_DEFINITIONS[0]["function"]["parameters"]
+    assert TOOL_DEFINITIONS[0]["function"]["name"] == TOOL_NAME
+    assert parameters["required"] == ["date", "time", "duration_min"]
+    assert {name: prop["type"] for name, prop in parameters["properties"].items()} == {
+        "date": "string",
+        "time": "string",
+        "duration_min": "integer",
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "message"),
+    [
+        ("get_rooms", GOOD_ARGS, "unknown tool 'get_rooms'"),
+        (TOOL_NAME, '{"date": "2025-10-13", ', "not valid JSON"),
+        (TOOL_NAME, '["2025-10-13"]', "must be a JSON object, got list"),
+        (TOOL_NAME, '{"date": "2025-10-13", "time": "14:30"}', "duration_min: required field is missing"),
+        (
+            TOOL_NAME,
+            '{"date": "13/10/2025", "time": "14:30", "duration_min": 30}',
+            "date: expected a calendar date",
+        ),
+        (
+            TOOL_NAME,
+            '{"date": "2025-10-13", "time": "14:30", "duration_min": "30"}',
+            "duration_min: Input should be",
+        ),
+        (
+            TOOL_NAME,
+            '{"date": "2025-10-13", "time": "14:30", "duration_min": -5}',
+            "duration_min: Input should be",
+        ),
+        (
+            TOOL_NAME,
+            '{"date": "2025-10-13", "time": "14:30", "duration_min": 30, "room": "Nova"}',
+            "room: Extra",
+        ),
+    ],
+)
+def test_bad_tool_calls_become_error_results(
+    catalog: Catalog, name: str, arguments: str, message: str
+) -> None:
+    with pytest.raises(ToolCallError, match=message):
+        parse_tool_call(name, arguments)
+    result = execute_tool_call(name, arguments, catalog)
+    assert list(result) == ["error"] and message in result["error"]
+
+
+def test_tool_reports_each_room_free_or_not(catalog: Catalog) -> None:
+    result = execute_tool_call(TOOL_NAME, GOOD_ARGS, catalog)
+    free = {room["id"]: room["free"] for room in result["rooms"]}
+    assert free == {room.id: room.is_free("2025-10-13", "14:30", 30) for room in catalog.rooms}
+    assert free["Vega"] is False and free["Nova"] is True  # Vega is booked 14:00-15:00
+    json.dumps(result)  # what the agent sends back as the tool message
+
+
+# -- prompts -----------------------------------------------------------------------------------------------
+
+
+def test_inline_prompt_shows_every_rooms_checks(catalog: Catalog, public: list[Task]) -> None:
+    for task in public:
+        request = request_of(task.payload)
+        rooms_text = prompt_values("inline", request, catalog)["rooms"]
+        lines = rooms_text.splitlines()
+        assert [line.split(":")[0] for line in lines] == [f"- {room_id}" for room_id in catalog.room_ids]
+        passing = {line.split(":")[0][2:] for line in lines if "PASSES" in line}
+        assert passing == {room.id for room in feasible_rooms(request, catalog)}
+
+
+def test_default_prompts_fill_from_prompt_values(catalog: Catalog) -> None:
+    request = _request()
+    for mode in ("tool", "inline"):
+        values = prompt_values(mode, request, catalog)
+        for template in default_prompts(mode).values():
+            template.format(**values)
+    assert "rooms" not in prompt_values("tool", request, catalog)  # finding them is the tool agent's job
+    assert default_prompts("inline")["answer_prefix"].template == "final_choice:"
+    with pytest.raises(ValueError, match="no default prompts for agent mode 'solver'"):
+        default_prompts("solver")
+
+
+# -- agents ------------------------------------------------------------------------------------------------
+
+
+def test_solver_agent_scores_every_public_task(public: list[Task]) -> None:
+    resources = _resources("solver")
+    assert [room_selector_solver(task.payload, resources) for task in public] == [1.0] * 40
+
+
+def test_agent_records_grade_and_reward_spans(env: RoomSelectionEnv, public: list[Task]) -> None:
+    reward, spans = _run_in_rollout(env.reference_agent(), public[1], _resources("solver"))
+    assert reward == 1.0
+    grade_span = next(span for span in spans if span.name == "grade")
+    assert grade_span.kind == SpanKind.LOG
+    assert grade_span.attributes == {"choice": "Nova", "expected": "Nova", "correct": True, "parseable": True}
+    assert [span.attributes["value"] for span in spans if span.kind == SpanKind.REWARD] == [1.0]
+    assert env.answer_of(spans) == "Nova"
+    assert env.answer_of([span for span in spans if span.name != "grade"]) is None
+
+
+class ScriptedChat:
+    """An OpenAI-compatible chat endpoint that answers with canned messages and records every request."""
+
+    def __init__(self, replies: list[dict[str, Any]]) -> None:
+        self.replies = list(replies)
+        self.requests: list[dict[str, Any]] = []
+        script = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # the name http.server dispatches POST requests to
+                script.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                message = {"role": "assistant", "content": None, **script.replies.pop(0)}
+                body = json.dumps(
+                    {
+                        "id": f"chat-{len(script.requests)}",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "policy",
+                        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+@pytest.fixture
+def scripted() -> Iterator[Any]:
+    servers: list[ScriptedChat] = []
+
+    def start(replies: list[dict[str, Any]]) -> ScriptedChat:
+        chat = ScriptedChat(replies)
+        threading.Thread(target=chat.server.serve_forever, daemon=True).start()
+        servers.append(chat)
+        return chat
+
+    yield start
+    for chat in servers:
+        chat.server.shutdown()
+        chat.server.server_close()
+
+
+def _tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def test_tool_agent_survives_bad_calls_and_answers(
+    scripted: Any, env: RoomSelectionEnv, public: list[Task]
+) -> None:
+    task = public[1]  # 2025-10-13 14:30, 30 min, 12 attendees, whiteboard + confphone, accessible: Nova
+    chat = scripted(
+        [
+            {
+                "tool_calls": [
+                    _tool_call("c1", "book_room", "{}"),
+                    _tool_call("c2", TOOL_NAME, '{"date": "today"}'),
+                ]
+            },
+            {"content": "Let me look.", "tool_calls": [_tool_call("c3", TOOL_NAME, GOOD_ARGS)]},
+            {"content": "final_choice: Nova\nreason: only room for 12"},
+        ]
+    )
+    reward, spans = _run_in_rollout(env.agent("tool"), task, _resources("tool", chat.base_url))
+    assert reward == 1.0
+    first, _, last = chat.requests
+    assert first["tools"] == TOOL_DEFINITIONS and first["model"] == "policy"
+    assert (first["temperature"], first["max_tokens"], first["seed"]) == (0.7, 20, 3)
+    assert [m["role"] for m in first["messages"]] == ["system", "user"]
+    assert "12 attendees" in first["messages"][1]["content"]
+    roles = [m["role"] for m in last["messages"]]
+    assert roles == ["system", "user", "assistant", "tool", "tool", "assistant", "tool"]
+    tool_results = [json.loads(m["content"]) for m in last["messages"] if m["role"] == "tool"]
+    assert "unknown tool 'book_room'" in tool_results[0]["error"]
+    assert "date: expected a calendar date" in tool_results[1]["error"]
+    assert {room["id"]: room["free"] for room in tool_results[2]["rooms"]}["Nova"] is True
+    assert [m["tool_call_id"] for m in last["messages"] if m["role"] == "tool"] == ["c1", "c2", "c3"]
+    tool_spans = [span for span in spans if span.kind == SpanKind.TOOL]
+    assert [(span.name, span.attributes["error"] is None) for span in tool_spans] == [
+        ("book_room", False),
+        (TOOL_NAME, False),
+        (TOOL_NAME, True),
+    ]
+    assert env.answer_of(spans) == "Nova"
+
+
+def test_tool_agent_stops_after_max_turns(scripted: Any, public: list[Task], catalog: Catalog) -> None:
+    chat = scripted([{"tool_calls": [_tool_call(f"c{i}", TOOL_NAME, GOOD_ARGS)]} for i in range(2)])
+    agent = make_agent("tool", catalog, max_turns=2)
+    assert agent(public[1].payload, _resources("tool", chat.base_url)) == 0.0
+    assert len(chat.requests) == 2
+
+
+def test_inline_agent_continues_the_answer_prefix(
+    scripted: Any, env: RoomSelectionEnv, public: list[Task]
+) -> None:
+    chat = scripted([{"content": " Nova"}])
+    reward, spans = _run_in_rollout(env.agent("inline"), public[1], _resources("inline", chat.base_url))
+    assert reward == 1.0
+    (request,) = chat.requests
+    assert request["messages"][-1] == {"role": "assistant", "content": "final_choice:"}
+    assert {key: request[key] for key in CONTINUE_ANSWER} == CONTINUE_ANSWER
+    user = request["messages"][1]["content"]
+    assert "- Nova: free: yes; capacity 12 >= 12: yes; has needs: yes; accessibility ok: yes. PASSES" in user
+    assert user.endswith("Answer with one of: Orion, Lyra, Vega, Nova, Quark, Atlas, Pulse, No Room.")
+    assert "tools" not in request
+    assert env.answer_of(spans) == "Nova"
+
+
+def test_inline_agent_without_prefix_makes_a_plain_call(
+    scripted: Any, env: RoomSelectionEnv, public: list[Task]
+) -> None:
+    chat = scripted([{"content": "final_choice: Orion"}])
+    resources = _resources("inline", chat.base_url, answer_prefix=PromptTemplate(template=""))
+    assert env.agent("inline")(public[1].payload, resources) == 0.0
+    (request,) = chat.requests
+    assert [m["role"] for m in request["messages"]] == ["system", "user"]
+    assert "continue_final_message" not in request
+
+
+def test_agent_names_a_missing_prompt(public: list[Task]) -> None:
+    resources = _resources("tool")
+    resources.prompts.pop("user")
+    with pytest.raises(KeyError, match="needs a prompt template named 'user'"):
+        make_agent("tool")(public[0].payload, resources)
+
+
+# -- the environment ---------------------------------------------------------------------------------------
+
+
+def test_env_registry_and_protocol(env: RoomSelectionEnv) -> None:
+    assert isinstance(get_env("room_selection"), Environment)
+    assert env.answer_space() == [*env.catalog.room_ids, NO_ROOM]
+    assert set(env.default_prompts("inline")) == {"system", "user", "answer_prefix"}
+    assert env.default_prompts("solver") == {}
+    with pytest.raises(ValueError, match="unknown room-selection agent mode 'chat'"):
+        env.agent("chat")
+    with pytest.raises(UnknownEnvironmentError, match=r"known environments: \['room_selection'\]"):
+        get_env("rooms")
+    with pytest.raises(EnvironmentOptionsError, match="does not accept options"):
+        get_env("room_selection", catalogue="x.json")
+
+
+def test_two_catalogs_in_one_process(tmp_path: Path, env: RoomSelectionEnv) -> None:
+    # Nova shrinks to 9 seats: 12-person requests have no room any more.
+    path = _write_catalog(tmp_path, lambda d: d["rooms"][3].update(capacity=9))
+    small = get_env("room_selection", catalog=path)
+    tasks = small.load_tasks("generated:n=40,seed=2")
+    relabelled = [
+        t for t in tasks if solve(request_of(t.payload), env.catalog) != t.payload["expected_choice"]
+    ]
+    assert relabelled  # the two catalogs disagree on some requests...
+    resources = _resources("solver")
+    assert [small.reference_agent()(t.payload, resources) for t in tasks] == [1.0] * 40
+    assert [env.reference_agent()(t.payload, resources) for t in relabelled] == [0.0] * len(relabelled)
+    # ...and a task that names its catalog is answered against it, whichever agent runs it.
+    named = [{**t.payload, "catalog_path": str(path)} for t in relabelled]
+    assert [env.reference_agent()(payload, resources) for payload in named] == [1.0] * len(named)
