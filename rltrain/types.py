@@ -7,9 +7,9 @@ boundary where it was made, not a crash three modules later.
 
 from __future__ import annotations
 
+import os
 import string
 import time
-import uuid
 from enum import StrEnum
 from typing import Any
 
@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def new_id(prefix: str) -> str:
-    """A short random id with a readable prefix (``ro-3f2a...``): unique across processes, sortable by nothing."""
-    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+    """A short random id with a readable prefix (``ro-3f2a...``): unique across processes, sortable by nothing.
+    64 random bits straight from ``os.urandom``: a ``uuid4`` costs four times as much, and every rollout and
+    span gets an id."""
+    return f"{prefix}-{os.urandom(8).hex()}"
 
 
 class _Record(BaseModel):
