@@ -139,3 +139,59 @@ def _make_backend(name: str, run_dir: Path, run_name: str) -> Any:
         mlflow.start_run(run_name=run_name)
         return lambda metrics, step: mlflow.log_metrics(metrics, step=step)
     raise ValueError(f"report_to: unknown backend {name!r}; expected tensorboard, wandb or mlflow")
+
+
+def rewrite_metrics(path: Path, keep: Any) -> int:
+    """Keep only the records for which ``keep(record)`` is true (atomic rewrite); returns how many were dropped.
+    Used on resume so the steps after the last checkpoint are not logged twice."""
+    records = read_metrics(path)
+    kept = [r for r in records if keep(r)]
+    if len(kept) == len(records):
+        return 0
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w") as fh:
+        for record in kept:
+            fh.write(json.dumps(record, default=float) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return len(records) - len(kept)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def plot_run(metrics_path: Path, out: Path) -> Path | None:
+    """A PNG of training reward per step and validation accuracy per evaluation; None when nothing to plot."""
+    records = read_metrics(metrics_path)
+    reward = [(r["step"], r["train/reward_mean"]) for r in records if r.get("event") == "rollouts"]
+    evals: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.endswith("/accuracy") and r.get("step") is not None:
+                task_set = key.split("/")[1]
+                evals.setdefault(task_set, []).append((r["step"], value))
+    if not reward and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if reward:
+        ax.plot(*zip(*reward, strict=True), label="train reward (mean of rollouts)", alpha=0.6)
+    for task_set, points in evals.items():
+        ax.plot(*zip(*sorted(points), strict=True), marker="o", label=f"val accuracy: {task_set}")
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

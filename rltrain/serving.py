@@ -1,0 +1,100 @@
+"""The serving stack of a run: engine + gateway, started together from a recipe and stopped together.
+
+Used by evaluation, training, APO and ``rltrain serve``. The engine is built lazily (loading weights is the slow
+part), so a run whose agent never calls a model (the solver sanity check) starts nothing heavy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import TracebackType
+from typing import Any
+
+from rltrain.recipes import Recipe
+from rltrain.store.base import Store
+from rltrain.types import Rollout
+
+logger = logging.getLogger(__name__)
+
+
+class GatewayConfigError(ValueError):
+    """The gateway section asks for something unsafe or impossible (e.g. a public bind without a key)."""
+
+
+def gateway_api_key(recipe: Recipe) -> str | None:
+    """The API key named by ``gateway.api_key_env`` (read from the environment, never from the recipe)."""
+    name = recipe.gateway.api_key_env
+    if name is None:
+        return None
+    key = os.environ.get(name)
+    if not key:
+        raise GatewayConfigError(f"gateway.api_key_env names {name!r}, but that environment variable is not set")
+    return key
+
+
+class ServingStack:
+    """Engine and gateway for one recipe. ``model``/``tokenizer`` may be the trainer's own objects."""
+
+    def __init__(self, recipe: Recipe, store: Store, model: Any = None, tokenizer: Any = None) -> None:
+        self.recipe = recipe
+        self.store = store
+        self._model = model
+        self._tokenizer = tokenizer
+        self.engine: Any = None
+        self._server: Any = None
+        self._service: Any = None
+        self.url = ""
+        self.api_key = gateway_api_key(recipe)
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name if self.engine is not None else self.recipe.model.name
+
+    def start(self) -> ServingStack:
+        from rltrain.engines.transformers import TransformersEngine
+        from rltrain.gateway.app import create_app
+        from rltrain.gateway.server import GatewayServer
+
+        recipe = self.recipe
+        if recipe.engine.kind != "transformers":
+            raise GatewayConfigError(
+                f"engine.kind={recipe.engine.kind!r} is served by `scripts/serve.sh` / the vLLM engine; "
+                "the embedded stack runs `transformers`"
+            )
+        common = {
+            "max_batch_size": recipe.engine.max_batch_size,
+            "batch_window_ms": recipe.engine.batch_window_ms,
+            "num_threads": recipe.model.num_threads,
+        }
+        if self._model is not None:
+            self.engine = TransformersEngine(self._model, self._tokenizer, model_name=recipe.model.name, **common)
+        else:
+            logger.info("loading %s", recipe.model.name)
+            self.engine = TransformersEngine.from_pretrained(
+                recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device, **common
+            )
+        app = create_app(self.engine, self.store, api_key=self.api_key, max_n=recipe.gateway.max_n)
+        self._service = app.state.service
+        self._server = GatewayServer(app, host=recipe.gateway.host, port=recipe.gateway.port)
+        self.url = self._server.start()
+        logger.info("gateway for %s listening on %s", self.engine.model_name, self.url)
+        return self
+
+    def release(self, rollout: Rollout) -> None:
+        """Drop the gateway's per-rollout session state once a rollout finished (bounded memory)."""
+        if self._service is not None:
+            self._service.release_rollout(rollout.rollout_id)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self.engine is not None:
+            self.engine.close()
+
+    def __enter__(self) -> ServingStack:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,132 @@
+"""Trainer: the orchestration of a run — evaluation, training, resume — and nothing model-specific.
+
+A run directory (``<output_dir>/<name>/``) is the unit of work: the resolved recipe, the store, the metrics,
+evaluation summaries, checkpoints. The trainer wires environment, store, serving stack and runner together
+from the recipe; algorithms (GRPO, PPO, APO) plug into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from rltrain.agent import Agent
+from rltrain.envs import Environment, get_env
+from rltrain.metrics import EvalSummary, MetricsWriter, summarise
+from rltrain.recipes import Recipe, dump_recipe
+from rltrain.runner import Runner
+from rltrain.serving import ServingStack
+from rltrain.store import Store, open_store
+from rltrain.types import LLMResource, PromptTemplate, Resources, SamplingParams, Task
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Evaluate (and, with an algorithm, train) an environment's agent as a recipe describes."""
+
+    def __init__(self, recipe: Recipe, progress: bool = True) -> None:
+        self.recipe = recipe
+        self.progress = progress
+        self.run_dir: Path = recipe.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, self.run_dir / "recipe.yaml")
+        self.env: Environment = get_env(recipe.env.name, **recipe.env.options)
+        self.store: Store = open_store(recipe.store.kind, self.run_dir / "store.sqlite")
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", run_name=recipe.name)
+
+    # -- resources ----------------------------------------------------------------------------------------
+    def prompts(self) -> dict[str, PromptTemplate]:
+        """The environment's default templates with the recipe's overrides (placeholders checked)."""
+        prompts = self.env.default_prompts(self.recipe.env.mode)
+        for name, text in self.recipe.prompts.items():
+            if name not in prompts:
+                raise ValueError(f"prompts.{name}: the {self.recipe.env.mode} agent has no prompt {name!r}; "
+                                 f"its prompts are {sorted(prompts)}")
+            prompts[name] = PromptTemplate(template=text, placeholders=prompts[name].placeholders)
+        return prompts
+
+    def resources(
+        self, model_name: str, sampling: SamplingParams, version: int = 0,
+        prompts: dict[str, PromptTemplate] | None = None,
+    ) -> Resources:
+        """Resources lent to the agent; the base URL is filled in per rollout by the runner."""
+        return Resources(
+            version=version,
+            llm=LLMResource(base_url="", model=model_name, sampling=sampling),
+            prompts=prompts if prompts is not None else self.prompts(),
+        )
+
+    def load_tasks(self, spec: str) -> list[Task]:
+        tasks = self.env.load_tasks(spec)
+        if self.recipe.data.limit is not None:
+            tasks = tasks[: self.recipe.data.limit]
+        return tasks
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def evaluate(
+        self,
+        task_sets: dict[str, list[Task]],
+        agent: Agent | None = None,
+        stack: ServingStack | None = None,
+        label: str = "eval",
+        prompts: dict[str, PromptTemplate] | None = None,
+        step: int | None = None,
+    ) -> list[EvalSummary]:
+        """Run ``agent`` (the recipe's by default) greedily over each task set and summarise.
+
+        ``stack`` reuses a running engine + gateway (training does); without one, a stack is started for the
+        duration unless the agent is the environment's reference agent, which needs no model.
+        """
+        agent = agent or self.env.agent(self.recipe.env.mode)
+        if stack is None and agent.needs_llm:
+            with ServingStack(self.recipe, self.store) as own:
+                return self.evaluate(task_sets, agent, own, label, prompts, step)
+        model_name = stack.model_name if stack is not None else self.recipe.model.name
+        url = stack.url if stack is not None else "http://unused"
+        resources = self.resources(model_name, self.recipe.sampling.eval, prompts=prompts)
+        runner = Runner(self.store, agent, url, self.recipe.runner, progress=self.progress,
+                        on_finished=stack.release if stack is not None else None)
+        summaries = []
+        for name, tasks in task_sets.items():
+            start = time.perf_counter()
+            result = asyncio.run(runner.run(tasks, resources, mode="eval", desc=f"{label} {name}"))
+            wall = time.perf_counter() - start
+            spans = {r.rollout_id: self.store.get_spans(r.rollout_id, r.attempt_count) for r in result.rollouts}
+            answers = {rid: self.env.answer_of(s) for rid, s in spans.items()}
+            summary = summarise(name, result.rollouts, spans, answers, wall)
+            summaries.append(summary)
+            self.metrics.write(
+                {"event": label, **{f"{label}/{name}/{k}": v for k, v in summary.model_dump().items()
+                                    if isinstance(v, int | float)}},
+                step=step,
+            )
+        out = self.run_dir / "eval"
+        out.mkdir(exist_ok=True)
+        (out / f"{label}.json").write_text(json.dumps([s.model_dump() for s in summaries], indent=2))
+        return summaries
+
+    # -- training -----------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> list[EvalSummary]:
+        """Train with the recipe's algorithm; validate before, every ``eval_steps`` and after.
+
+        With ``resume`` the newest checkpoint in the run directory is loaded (adapter, optimiser, scheduler,
+        RNG, step) and training continues from its step; rollouts and metric lines of the interrupted step
+        are settled first so nothing is counted twice. Returns the final validation summaries.
+        """
+        from rltrain.algorithms.grpo import train_grpo
+
+        if self.recipe.algorithm is None:
+            raise ValueError("this recipe has no `algorithm:` section; `rltrain eval` runs it, `train` needs one")
+        return train_grpo(self, resume=resume)
+
+    def eval_sets(self) -> dict[str, list[Task]]:
+        """The validation sets: ``data.val`` plus every ``data.extra_eval``."""
+        specs = [self.recipe.data.val, *self.recipe.data.extra_eval]
+        return {spec: self.load_tasks(spec) for spec in specs}
+
+    def close(self) -> None:
+        self.store.close()
