@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(show_path=False, rich_tracebacks=True)],
     )
-    for noisy in ("httpx", "uvicorn.access", "urllib3"):
+    for noisy in ("httpx", "openai", "uvicorn.access", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.handler(args) or 0)

@@ -37,6 +37,7 @@ class Trainer:
         self.env: Environment = get_env(recipe.env.name, **recipe.env.options)
         self.store: Store = open_store(recipe.store.kind, self.run_dir / "store.sqlite")
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", run_name=recipe.name)
+        self._eval_sets: dict[str, list[Task]] | None = None
 
     # -- resources ----------------------------------------------------------------------------------------
     def prompts(self) -> dict[str, PromptTemplate]:
@@ -124,9 +125,11 @@ class Trainer:
         return train_grpo(self, resume=resume)
 
     def eval_sets(self) -> dict[str, list[Task]]:
-        """The validation sets: ``data.val`` plus every ``data.extra_eval``."""
-        specs = [self.recipe.data.val, *self.recipe.data.extra_eval]
-        return {spec: self.load_tasks(spec) for spec in specs}
+        """The validation sets: ``data.val`` plus every ``data.extra_eval`` (resolved once per run)."""
+        if self._eval_sets is None:
+            specs = [self.recipe.data.val, *self.recipe.data.extra_eval]
+            self._eval_sets = {spec: self.load_tasks(spec) for spec in specs}
+        return self._eval_sets
 
     def close(self) -> None:
         self.store.close()

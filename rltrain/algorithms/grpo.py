@@ -1,0 +1,414 @@
+"""GRPO: TRL's GRPOTrainer, fed by the user's agents through ``rollout_func``.
+
+TRL does the optimisation (loss, clipping, KL, LoRA through PEFT); rltrain supplies the samples. The training
+dataset holds task ids only. TRL's sampler repeats each id ``num_generations`` times and hands the batch to
+:class:`RolloutDriver`, which runs that many rollouts of the agent per task through the gateway, turns their
+spans into token rows with the trajectory adapter, and returns exactly one row per prompt it received, in order,
+so TRL's group statistics line up with the task groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import PrinterCallback, TrainerCallback, TrainerControl, TrainerState
+from trl import GRPOConfig, GRPOTrainer
+
+from rltrain.adapters.advantages import answer_distribution, collapse_warning, group_advantages
+from rltrain.adapters.trajectories import TrajectoryAdapter
+from rltrain.agent import Agent
+from rltrain.envs.base import Environment
+from rltrain.metrics import EvalSummary, MetricsWriter, peak_rss_mb, plot_run
+from rltrain.recipes import GRPOSection, RunnerConfig
+from rltrain.runner import Runner, RunStats
+from rltrain.serving import ServingStack
+from rltrain.store.base import Store
+from rltrain.types import Resources, Rollout, Task, Trajectory
+
+if TYPE_CHECKING:
+    from rltrain.trainer import Trainer as RLTrainer
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingAbortedError(RuntimeError):
+    """A step whose rollouts mostly failed: training on it would be training on noise."""
+
+
+@dataclass
+class StepSamples:
+    """What one generation step produced, before it is handed to TRL."""
+
+    rollouts: list[Rollout]
+    rows: list[Trajectory | None]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class RolloutDriver:
+    """The ``rollout_func`` given to TRL: task ids in, one adapter row per id out.
+
+    ``resources_for(version)`` gives the resources of the policy version about to be sampled (the trainer's
+    global step); the engine it names shares the trainer's model object, so sampling uses current weights.
+    """
+
+    def __init__(
+        self,
+        *,
+        agent: Agent,
+        env: Environment,
+        store: Store,
+        tasks: list[Task],
+        section: GRPOSection,
+        runner_config: RunnerConfig,
+        metrics: MetricsWriter,
+        progress: bool = True,
+    ) -> None:
+        self.agent = agent
+        self.env = env
+        self.store = store
+        self.tasks = {t.id: t for t in tasks}
+        self.section = section
+        self.runner_config = runner_config
+        self.metrics = metrics
+        self.progress = progress
+        self.adapter = TrajectoryAdapter(tag=section.train_tag)
+        self.gateway_url = ""
+        self.resources_for: Any = None
+        self.on_policy_version: Any = None
+        self.on_finished: Any = None
+
+    def bind(self, gateway_url: str, resources_for: Any, on_policy_version: Any, on_finished: Any) -> None:
+        """Connect to the serving stack (started after TRL built the PEFT model the engine must share)."""
+        self.gateway_url = gateway_url
+        self.resources_for = resources_for
+        self.on_policy_version = on_policy_version
+        self.on_finished = on_finished
+
+    # TRL calls this with the per-process prompts, each task id repeated num_generations times.
+    def __call__(self, prompts: list[Any], trainer: GRPOTrainer) -> dict[str, list[Any]]:
+        version = int(trainer.state.global_step)
+        self.on_policy_version(version)
+        samples = self.sample(self._groups(prompts), self.resources_for(version), version)
+        rows = samples.rows
+        filler = self._filler_row(rows)
+        out: dict[str, list[Any]] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": [],
+                                     "rollout_reward": []}
+        for row in rows:
+            row = row or filler
+            out["prompt_ids"].append(row.prompt_ids)
+            out["completion_ids"].append(row.completion_ids)
+            out["logprobs"].append(row.logprobs)
+            out["env_mask"].append(row.env_mask)
+            out["rollout_reward"].append(None if row is filler else row.reward)
+        self.metrics.write({"event": "rollouts", **samples.metrics}, step=version)
+        return out
+
+    def _groups(self, prompts: list[Any]) -> list[tuple[Task, int]]:
+        """Consecutive equal task ids form one group (that is how TRL's RepeatSampler orders them)."""
+        groups: list[tuple[Task, int]] = []
+        for prompt in prompts:
+            task_id = str(prompt)
+            if task_id not in self.tasks:
+                raise KeyError(f"rollout_func got prompt {task_id!r}, which is not a training task id")
+            if groups and groups[-1][0].id == task_id:
+                groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+            else:
+                groups.append((self.tasks[task_id], 1))
+        return groups
+
+    def sample(self, groups: list[tuple[Task, int]], resources: Resources, version: int) -> StepSamples:
+        """Run every group, re-running all-equal groups up to ``resample_zero_std`` times; adapt to rows."""
+        start = time.perf_counter()
+        runner = Runner(self.store, self.agent, self.gateway_url, self.runner_config, progress=self.progress,
+                        on_finished=self.on_finished)
+        stats = RunStats()
+        by_group = asyncio.run(self._run_groups(runner, groups, resources, version, stats))
+        resampled = 0
+        for attempt in range(self.section.resample_zero_std):
+            flat = [i for i, g in enumerate(by_group) if _zero_std(g)]
+            if not flat:
+                break
+            again = asyncio.run(
+                self._run_groups(runner, [groups[i] for i in flat], resources, version, stats, f"resample {attempt}")
+            )
+            for i, rollouts in zip(flat, again, strict=True):
+                if not _zero_std(rollouts):
+                    by_group[i] = rollouts
+                    resampled += 1
+        if stats.total and stats.failed_fraction > self.runner_config.max_failed_fraction:
+            raise TrainingAbortedError(
+                f"step {version}: {stats.failed + stats.timed_out} of {stats.total} rollouts failed or timed out "
+                f"(more than runner.max_failed_fraction={self.runner_config.max_failed_fraction}); see the "
+                "exception spans in the store for the reasons"
+            )
+        rollouts = [r for g in by_group for r in g]
+        rows, adapter_metrics = self._rows(rollouts)
+        rewards = [r.reward if r.reward is not None else 0.0 for r in rollouts]
+        groups_ids = [r.group_id or r.task.id for r in rollouts]
+        adv = group_advantages(rewards, groups_ids, scale_rewards=self.section.scale_rewards)
+        answers = [self.env.answer_of(self.store.get_spans(r.rollout_id, r.attempt_count)) for r in rollouts]
+        dist = answer_distribution(answers)
+        warning = collapse_warning(dist)
+        if warning:
+            logger.warning("step %d: %s", version, warning)
+        if adv.no_signal:
+            logger.warning(
+                "step %d: every group has equal rewards, so this step has no learning signal; consider a warm "
+                "start, a higher sampling temperature, more generations or algorithm.resample_zero_std", version
+            )
+        metrics: dict[str, Any] = {
+            **stats.as_metrics(),
+            **adapter_metrics,
+            **adv.metrics(),
+            "train/reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
+            "train/resampled_groups": resampled,
+            "train/answer_distribution": dist,
+            "train/collapse_warning": warning,
+            "train/rollout_s": time.perf_counter() - start,
+            "policy_version": version,
+        }
+        return StepSamples(rollouts=rollouts, rows=rows, metrics=metrics)
+
+    async def _run_groups(
+        self, runner: Runner, groups: list[tuple[Task, int]], resources: Resources, version: int,
+        stats: RunStats, label: str = "",
+    ) -> list[list[Rollout]]:
+        """Run each (task, size) group; rollouts come back grouped in the order asked."""
+        by_size: dict[int, list[int]] = {}
+        for i, (_, size) in enumerate(groups):
+            by_size.setdefault(size, []).append(i)
+        out: list[list[Rollout]] = [[] for _ in groups]
+        for size, indices in by_size.items():
+            result = await runner.run(
+                [groups[i][0] for i in indices], resources, mode="train", group_size=size,
+                desc=f"step {version} rollouts {label}".strip(),
+            )
+            for k, i in enumerate(indices):
+                out[i] = result.rollouts[k * size:(k + 1) * size]
+            for name in ("succeeded", "failed", "timed_out", "cancelled", "retries", "clipped_rewards",
+                         "no_reward"):
+                setattr(stats, name, getattr(stats, name) + getattr(result.stats, name))
+            stats.wall_s += result.stats.wall_s
+        return out
+
+    def _rows(self, rollouts: list[Rollout]) -> tuple[list[Trajectory | None], dict[str, float]]:
+        """One row per rollout (TRL trains one sequence per sample): its last row, truncated to the limit."""
+        limit = self.section.max_completion_length
+        result = self.adapter.adapt_many((r, self.store.get_spans(r.rollout_id)) for r in rollouts)
+        last: dict[str, Trajectory] = {}
+        for row in result.rows:
+            last[row.rollout_id] = row
+        untrained = len(result.rows) - len(last)
+        truncated = 0
+        rows: list[Trajectory | None] = []
+        for r in rollouts:
+            row = last.get(r.rollout_id)
+            if row is not None and len(row.completion_ids) > limit:
+                truncated += 1
+                row = row.model_copy(update={
+                    "completion_ids": row.completion_ids[:limit],
+                    "logprobs": row.logprobs[:limit],
+                    "env_mask": row.env_mask[:limit],
+                })
+            rows.append(row)
+        metrics = result.metrics()
+        metrics["adapter/rows_not_trained"] = float(untrained)
+        metrics["train/truncated_rows"] = float(truncated)
+        metrics["train/rollouts_without_row"] = float(sum(row is None for row in rows))
+        return rows, metrics
+
+    @staticmethod
+    def _filler_row(rows: list[Trajectory | None]) -> Trajectory:
+        """A placeholder for a rollout that produced no row (failed, no reward, no llm call): every token is
+        masked and its reward is None, so TRL leaves it out of the group baseline and the loss."""
+        template = next((r for r in rows if r is not None), None)
+        prompt = template.prompt_ids[:1] if template is not None else [0]
+        token = template.completion_ids[-1:] if template is not None else [0]
+        return Trajectory(rollout_id="filler", prompt_ids=prompt, completion_ids=token, logprobs=[0.0],
+                          env_mask=[0], reward=0.0, group_id="filler", policy_version=0)
+
+
+def _zero_std(rollouts: list[Rollout]) -> bool:
+    rewards = {r.reward for r in rollouts}
+    return len(rewards) <= 1
+
+
+def rollout_reward(prompts: list[Any], completions: list[Any], rollout_reward: list[float | None],
+                   **_: Any) -> list[float | None]:
+    """TRL reward function: the reward each rollout's agent returned (None = not scorable, left out)."""
+    return list(rollout_reward)
+
+
+class AgentGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose samples come from rltrain's agents (see :class:`RolloutDriver`)."""
+
+    def __init__(self, *, driver: RolloutDriver, **kwargs: Any) -> None:
+        self.driver = driver
+        super().__init__(reward_funcs=[rollout_reward], rollout_func=driver, **kwargs)
+
+
+class _RunCallback(TrainerCallback):
+    """Validation every ``eval_steps`` (best adapter kept), TRL's logs into metrics.jsonl, the plot."""
+
+    def __init__(self, rl: RLTrainer, stack: ServingStack, section: GRPOSection, model: Any) -> None:
+        self.rl = rl
+        self.stack = stack
+        self.section = section
+        self.model = model
+        self.best = _best_so_far(rl.run_dir)
+
+    def validate(self, step: int) -> list[EvalSummary]:
+        summaries = self.rl.evaluate(self.rl.eval_sets(), stack=self.stack, label=f"val-step{step}", step=step)
+        accuracy = summaries[0].accuracy
+        if self.best is None or accuracy > self.best:
+            self.best = accuracy
+            self.model.save_pretrained(self.rl.run_dir / "best")
+            (self.rl.run_dir / "best" / "rltrain_best.json").write_text(
+                json.dumps({"step": step, "accuracy": accuracy, "task_set": summaries[0].task_set})
+            )
+        plot_run(self.rl.run_dir / "metrics.jsonl", self.rl.run_dir / "plot.png")
+        return summaries
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.stack.engine.set_policy_version(state.global_step)
+        if state.global_step % self.section.eval_steps == 0 and state.global_step < state.max_steps:
+            self.validate(state.global_step)
+
+    def on_log(self, args: Any, state: TrainerState, control: TrainerControl, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if logs:
+            self.rl.metrics.write({"event": "train", **logs}, step=state.global_step)
+
+
+def _best_so_far(run_dir: Path) -> float | None:
+    marker = run_dir / "best" / "rltrain_best.json"
+    return json.loads(marker.read_text())["accuracy"] if marker.exists() else None
+
+
+def _grpo_config(rl: RLTrainer, section: GRPOSection) -> GRPOConfig:
+    recipe = rl.recipe
+    sampling = recipe.sampling.train
+    on_cpu = recipe.model.device == "cpu"
+    return GRPOConfig(
+        output_dir=str(rl.run_dir / "checkpoints"),
+        use_cpu=on_cpu,
+        bf16=not on_cpu and recipe.model.dtype == "bfloat16",
+        fp16=not on_cpu and recipe.model.dtype == "float16",
+        seed=recipe.seed,
+        max_steps=section.max_steps,
+        per_device_train_batch_size=section.tasks_per_step * section.num_generations,
+        gradient_accumulation_steps=1,
+        num_generations=section.num_generations,
+        learning_rate=section.learning_rate,
+        lr_scheduler_type=section.lr_scheduler_type,
+        warmup_steps=section.warmup_steps,
+        max_grad_norm=section.max_grad_norm,
+        loss_type=section.loss_type,
+        beta=section.beta,
+        epsilon=section.epsilon,
+        epsilon_high=section.epsilon_high,
+        scale_rewards=section.scale_rewards,
+        num_iterations=section.num_iterations,
+        mask_truncated_completions=section.mask_truncated_completions,
+        max_completion_length=section.max_completion_length,
+        temperature=max(sampling.temperature, 1e-5),
+        top_p=sampling.top_p,
+        save_strategy="steps",
+        save_steps=section.save_steps,
+        logging_steps=1,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not rl.progress,
+    )
+
+
+def train_grpo(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
+    """The whole GRPO run: baseline validation, TRL training with agent rollouts, final validation."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from rltrain.models import load_model_and_tokenizer
+
+    recipe = rl.recipe
+    section = recipe.algorithm
+    assert isinstance(section, GRPOSection)
+    checkpoint = None
+    if resume:
+        checkpoint = get_last_checkpoint(str(rl.run_dir / "checkpoints")) if (rl.run_dir / "checkpoints").exists() \
+            else None
+        settle_interrupted(rl, checkpoint)
+    train_spec = recipe.data.train
+    if train_spec is None:
+        raise ValueError("data.train is not set: GRPO needs training tasks")
+    train_tasks = rl.load_tasks(train_spec)
+    rl.eval_sets()  # a bad task spec fails here, before minutes of model loading
+    model, tokenizer = load_model_and_tokenizer(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
+    driver = RolloutDriver(
+        agent=rl.env.agent(recipe.env.mode), env=rl.env, store=rl.store, tasks=train_tasks, section=section,
+        runner_config=recipe.runner, metrics=rl.metrics, progress=rl.progress,
+    )
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
+        target_modules=section.lora.target_modules,
+    )
+    trl_trainer = AgentGRPOTrainer(
+        driver=driver,
+        model=model,
+        processing_class=tokenizer,
+        args=_grpo_config(rl, section),
+        train_dataset=Dataset.from_dict({"prompt": [t.id for t in train_tasks]}),
+        peft_config=lora,
+    )
+    prompts = rl.prompts()
+    with ServingStack(recipe, rl.store, model=trl_trainer.model, tokenizer=tokenizer) as stack:
+        driver.bind(
+            stack.url,
+            lambda version: rl.resources(stack.model_name, recipe.sampling.train, version=version, prompts=prompts),
+            stack.engine.set_policy_version,
+            stack.release,
+        )
+        callback = _RunCallback(rl, stack, section, trl_trainer.model)
+        trl_trainer.add_callback(callback)
+        trl_trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl, not stdout
+        if checkpoint is None:
+            baseline = rl.evaluate(rl.eval_sets(), stack=stack, label="baseline", step=0)
+            logger.info("baseline: %s", _accuracies(baseline))
+        started = time.perf_counter()
+        trl_trainer.train(resume_from_checkpoint=checkpoint)
+        train_s = time.perf_counter() - started
+        trl_trainer.model.save_pretrained(rl.run_dir / "final")
+        final = callback.validate(section.max_steps)
+    rl.metrics.write({"event": "done", "train_s": train_s, "peak_rss_mb": peak_rss_mb()}, step=section.max_steps)
+    plot_run(rl.run_dir / "metrics.jsonl", rl.run_dir / "plot.png")
+    logger.info("final: %s (training %.0f s)", _accuracies(final), train_s)
+    return final
+
+
+def settle_interrupted(rl: RLTrainer, checkpoint: str | None) -> None:
+    """Before resuming: cancel rollouts a killed process left queued/running, and drop metric lines of steps
+    after the checkpoint (they will be produced again), so nothing is counted twice."""
+    from rltrain.metrics import rewrite_metrics
+    from rltrain.types import RolloutStatus
+
+    stale = [r.rollout_id for status in (RolloutStatus.QUEUED, RolloutStatus.RUNNING)
+             for r in rl.store.list_rollouts(status=status)]
+    if stale:
+        rl.store.cancel_rollouts(stale)
+        logger.info("resume: cancelled %d rollouts left unfinished by the interrupted run", len(stale))
+    step = int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
+    dropped = rewrite_metrics(rl.run_dir / "metrics.jsonl", keep=lambda rec: (rec.get("step") or 0) <= step
+                              and rec.get("event") != "done")
+    if dropped:
+        logger.info("resume: dropped %d metric lines logged after step %d", dropped, step)
+
+
+def _accuracies(summaries: list[EvalSummary]) -> str:
+    return ", ".join(f"{s.task_set} {s.accuracy:.3f}" for s in summaries)

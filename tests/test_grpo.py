@@ -1,0 +1,144 @@
+"""GRPO end to end on a tiny model: agents -> gateway -> adapter rows -> TRL GRPOTrainer + PEFT LoRA.
+
+The environment here is a small one made for the test (registered through the public ``register_env``): its
+agent is a real ``@rollout`` program using the stock ``openai`` client against the gateway, and its reward
+depends on what the model sampled, so groups have reward spread and the LoRA weights must move.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from openai import OpenAI
+from safetensors.torch import load_file
+
+from rltrain.agent import rollout
+from rltrain.envs import register_env
+from rltrain.metrics import read_metrics
+from rltrain.recipes import parse_recipe
+from rltrain.trainer import Trainer
+from rltrain.store import SqliteStore
+from rltrain.types import PromptTemplate, Resources, Span, SpanKind, Task
+
+
+@rollout
+def parity_agent(task: dict, resources: Resources) -> float:
+    with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
+        reply = client.chat.completions.create(
+            model=resources.llm.model,
+            messages=[{"role": "user", "content": resources.prompts["user"].format(word=task["word"])}],
+            temperature=resources.llm.sampling.temperature,
+            max_tokens=resources.llm.sampling.max_tokens,
+        )
+    text = reply.choices[0].message.content or ""
+    return 1.0 if len(text) % 2 == 0 else 0.0
+
+
+class ParityEnv:
+    name = "parity"
+
+    def load_tasks(self, spec: str) -> list[Task]:
+        return [Task(id=f"w{i}", payload={"word": f"word{i}"}) for i in range(6)]
+
+    def agent(self, mode: str):
+        return parity_agent
+
+    def reference_agent(self):
+        return parity_agent
+
+    def default_prompts(self, mode: str) -> dict[str, PromptTemplate]:
+        return {"user": PromptTemplate(template="Repeat {word}.", placeholders=["word"])}
+
+    def answer_space(self) -> None:
+        return None
+
+    def answer_of(self, spans: list[Span]) -> None:
+        return None
+
+
+register_env("parity", ParityEnv)
+
+
+def grpo_recipe(tmp_path: Path, model_dir: Path, max_steps: int):
+    return parse_recipe({
+        "name": "grpo-tiny",
+        "output_dir": str(tmp_path),
+        "seed": 1,
+        "model": {"name": str(model_dir)},
+        "env": {"name": "parity", "mode": "any"},
+        "data": {"train": "all", "val": "all"},
+        "runner": {"concurrency": 8},
+        "sampling": {"train": {"temperature": 1.0, "max_tokens": 6}, "eval": {"temperature": 0.0, "max_tokens": 6}},
+        "algorithm": {"name": "grpo", "max_steps": max_steps, "tasks_per_step": 2, "num_generations": 4,
+                      "learning_rate": 0.05, "eval_steps": 2, "save_steps": 1, "max_completion_length": 8,
+                      "lora": {"r": 4, "alpha": 8}},
+    })
+
+
+def lora_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_grpo_steps_change_lora_checkpoint_and_resume(tmp_path: Path, tiny_model_dir: Path) -> None:
+    trainer = Trainer(grpo_recipe(tmp_path, tiny_model_dir, max_steps=2), progress=False)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    run = tmp_path / "grpo-tiny"
+    ckpt1, ckpt2 = run / "checkpoints" / "checkpoint-1", run / "checkpoints" / "checkpoint-2"
+    for ckpt in (ckpt1, ckpt2):
+        assert (ckpt / "adapter_model.safetensors").exists()
+        assert (ckpt / "optimizer.pt").exists() and (ckpt / "trainer_state.json").exists()
+    w1, w2 = lora_weights(ckpt1), lora_weights(ckpt2)
+    assert w1.keys() == w2.keys()
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1), "the optimiser step must change the LoRA weights"
+    lora_b = [v for k, v in w2.items() if "lora_B" in k]
+    assert any(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero; training must move it"
+
+    records = read_metrics(run / "metrics.jsonl")
+    rollouts = [r for r in records if r.get("event") == "rollouts"]
+    assert [r["step"] for r in rollouts] == [0, 1]
+    assert all(r["rollouts/succeeded"] == 8 for r in rollouts)
+    assert all("train/frac_zero_std_groups" in r and "adapter/llm_calls" in r for r in rollouts)
+    train_logs = [r for r in records if r.get("event") == "train" and "loss" in r]
+    assert len(train_logs) == 2
+    assert (run / "plot.png").exists() and (run / "final" / "adapter_config.json").exists()
+    # the spans say which policy version sampled them
+    store = SqliteStore(run / "store.sqlite")
+    versions = {
+        s.attributes["policy_version"]
+        for r in store.list_rollouts(mode="train")
+        for s in store.get_spans(r.rollout_id)
+        if s.kind is SpanKind.LLM
+    }
+    store.close()
+    assert versions == {0, 1}
+
+    # resume with a longer budget: continues from step 2, does not redo steps 1-2
+    resumed = Trainer(grpo_recipe(tmp_path, tiny_model_dir, max_steps=3), progress=False)
+    try:
+        resumed.fit(resume=True)
+    finally:
+        resumed.close()
+    state = json.loads((run / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    records = read_metrics(run / "metrics.jsonl")
+    steps = [r["step"] for r in records if r.get("event") == "rollouts"]
+    assert steps == [0, 1, 2], "resume must not sample finished steps again"
+
+
+def test_zero_signal_step_is_reported(tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recipe = grpo_recipe(tmp_path, tiny_model_dir, max_steps=1)
+    recipe.sampling.train = recipe.sampling.train.model_copy(update={"temperature": 0.0})
+    trainer = Trainer(recipe, progress=False)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    [rollouts] = [r for r in read_metrics(tmp_path / "grpo-tiny" / "metrics.jsonl") if r.get("event") == "rollouts"]
+    assert rollouts["train/frac_zero_std_groups"] == 1.0
+    assert "no learning signal" in caplog.text
