@@ -258,17 +258,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+_HTTP_CLIENT_LOGGERS = ("httpx", "httpcore", "openai", "urllib3", "uvicorn")
+
+
+def _quiet_http_clients(record: logging.LogRecord) -> bool:
+    """Agents make one HTTP request per model call; their INFO lines would bury the progress (a handler
+    filter, because libraries loaded later may reset their own loggers' levels)."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] not in _HTTP_CLIENT_LOGGERS
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=True)],
-    )
-    for noisy in ("httpx", "openai", "uvicorn.access", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handler = RichHandler(show_path=False, rich_tracebacks=True)
+    if not args.verbose:
+        handler.addFilter(_quiet_http_clients)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler])
     try:
         return int(args.handler(args) or 0)
     except _user_errors() as exc:
