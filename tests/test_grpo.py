@@ -16,7 +16,7 @@ from openai import OpenAI
 from safetensors.torch import load_file
 
 from rltrain.agent import rollout
-from rltrain.envs import register_env
+from rltrain import envs
 from rltrain.metrics import read_metrics
 from rltrain.recipes import parse_recipe
 from rltrain.trainer import Trainer
@@ -59,7 +59,10 @@ class ParityEnv:
         return None
 
 
-register_env("parity", ParityEnv)
+@pytest.fixture(autouse=True)
+def parity_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registered for these tests only, so the registry other tests see is untouched."""
+    monkeypatch.setitem(envs._REGISTRY, "parity", ParityEnv)
 
 
 def grpo_recipe(tmp_path: Path, model_dir: Path, max_steps: int):
