@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from rltrain.types import SamplingParams
 
@@ -124,6 +124,15 @@ class LoraConfig(_Section):
         default="all-linear", description="Module names to adapt, or `all-linear` (every linear but lm_head)."
     )
 
+    def to_peft(self) -> Any:
+        """The ``peft.LoraConfig`` for a causal LM (peft is imported here: the schema itself needs no torch)."""
+        from peft import LoraConfig as PeftLoraConfig
+
+        return PeftLoraConfig(
+            task_type="CAUSAL_LM", r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+        )
+
 
 class GRPOSection(_Section):
     """GRPO through TRL's GRPOTrainer; field names and meanings follow `trl.GRPOConfig`."""
@@ -158,12 +167,72 @@ class GRPOSection(_Section):
     train_tag: str | None = Field(
         default=None, description="Train only llm calls carrying this tag (multi-agent programs)."
     )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in backward (less memory, ~30% slower); GPU-sized models."
+    )
     eval_steps: int = Field(default=10, ge=1, description="Validate every N steps (and before/after).")
     save_steps: int = Field(default=10, ge=1, description="Checkpoint every N steps.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Extra metric sinks besides metrics.jsonl."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class WarmStartConfig(_Section):
+    """Supervised fine-tuning of the LoRA adapter on rewarded transcripts, before RL (or as the whole run).
+
+    Demonstrations come from the environment's teacher agent (``teacher``: for room selection, the solver's
+    answer sent through the gateway) and/or from the recipe's own agent (``self``: rejection sampling, its
+    rollouts at ``sampling.train`` that earned at least ``min_reward``). Either way the gateway recorded their
+    tokens, and training uses exactly those tokens; the loss covers only the assistant's tokens.
+    """
+
+    sources: list[Literal["teacher", "self"]] = Field(
+        default_factory=lambda: ["teacher"], min_length=1,
+        description="Where demonstrations come from: `teacher` (the env's teacher agent, once per task) and/or "
+        "`self` (the recipe's agent, samples_per_task times per task, rewarded rollouts kept).",
+    )
+    teacher_mode: str = Field(
+        default="teacher", description="The environment's agent mode that produces demonstrations."
+    )
+    tasks: str | None = Field(default=None, description="Task spec to collect on (None = data.train).")
+    samples_per_task: int = Field(
+        default=4, ge=1, description="Rejection sampling (`self`): rollouts per task, at sampling.train."
+    )
+    min_reward: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="A rollout is a demonstration when its reward is at least this."
+    )
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the demonstrations.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optimiser steps; overrides epochs when set."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, description="AdamW learning rate for the LoRA weights.")
+    batch_size: int = Field(default=8, ge=1, description="Demonstrations per optimiser step.")
+    max_length: int = Field(
+        default=1024, ge=1,
+        description="Longest trained sequence (prompt + completion); longer ones are cut at the end, and "
+        "dropped when no assistant token is left.",
+    )
+
+
+class SFTSection(WarmStartConfig):
+    """`algorithm: sft`: the warm start as a run of its own, validated before and after (the adapter is saved
+    as `final` and `best`)."""
+
+    name: Literal["sft"] = "sft"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+def _algorithm_name(value: Any) -> str | None:
+    """Which algorithm section a mapping is: its ``name``, ``grpo`` when omitted (as before SFT existed)."""
+    if isinstance(value, dict):
+        return value.get("name", "grpo")
+    return getattr(value, "name", None)
+
+
+AlgorithmSection = Annotated[
+    Annotated[GRPOSection, Tag("grpo")] | Annotated[SFTSection, Tag("sft")], Discriminator(_algorithm_name)
+]
 
 
 class Recipe(_Section):
@@ -183,14 +252,28 @@ class Recipe(_Section):
     prompts: dict[str, str] = Field(
         default_factory=dict, description="Prompt template overrides by name (placeholders are checked)."
     )
-    algorithm: GRPOSection | None = Field(
-        default=None, description="What `rltrain train` runs; None = evaluation only."
+    algorithm: AlgorithmSection | None = Field(
+        default=None, description="What `rltrain train` runs (`grpo` or `sft`); None = evaluation only."
+    )
+    warm_start: WarmStartConfig | None = Field(
+        default=None,
+        description="Supervised warm start of the adapter before GRPO (the GRPO section's `lora` is the adapter "
+        "it trains, and GRPO continues it).",
     )
 
     @model_validator(mode="after")
     def _check_name(self) -> Recipe:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name must be a plain folder name, got {self.name!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_warm_start(self) -> Recipe:
+        if self.warm_start is not None and isinstance(self.algorithm, SFTSection):
+            raise ValueError(
+                "warm_start is the stage before RL, but algorithm.name is 'sft', which already is that stage; "
+                "put its settings in the algorithm section and remove warm_start"
+            )
         return self
 
     @property
@@ -205,31 +288,49 @@ def _suggest(model: type[BaseModel], key: str) -> str:
     return f" (known keys: {', '.join(model.model_fields)})"
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that owns the field at ``loc`` (for "did you mean" on unknown keys)."""
-    model: type[BaseModel] = Recipe
-    for i, part in enumerate(loc[:-1]):
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        candidates = [a for a in (get_args(annotation) or (annotation,))
-                      if isinstance(a, type) and issubclass(a, BaseModel)]
+def _sections_in(annotation: Any) -> list[type[BaseModel]]:
+    """The section models an annotation admits (through ``Optional``, unions and ``Annotated``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) is Annotated:
+        return _sections_in(get_args(annotation)[0])
+    return [model for arg in get_args(annotation) for model in _sections_in(arg)]
+
+
+def _resolve_loc(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], type[BaseModel] | None]:
+    """``loc`` as the recipe spells it, and the model that owns its last key (for "did you mean").
+
+    Pydantic puts the tag of a tagged union into the location (``algorithm.grpo.learning_rate``); the recipe
+    has no such level, so the tag is dropped and selects the section.
+    """
+    model: type[BaseModel] | None = Recipe
+    parts = list(loc)
+    path: list[Any] = []
+    while parts:
+        part = parts.pop(0)
+        path.append(part)
+        if model is None or not parts:
+            break
+        candidates = _sections_in(getattr(model.model_fields.get(str(part)), "annotation", None))
+        tags = {c.model_fields["name"].default: c for c in candidates if "name" in c.model_fields}
+        nxt = str(parts[0])
+        if len(candidates) > 1 and nxt in tags:
+            parts.pop(0)
+            model = tags[nxt]
+            continue
         # In a union of sections, the one that knows the next key (or the only one) owns it.
-        nxt = str(loc[i + 1])
         owners = [c for c in candidates if nxt in c.model_fields] or candidates
-        if len(owners) != 1:
-            return None
-        model = owners[0]
-    return model
+        model = owners[0] if len(owners) == 1 else None
+    return tuple(path), model
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per problem: ``source: field.path: message (got value)``."""
     lines = []
     for err in exc.errors():
-        loc = tuple(err["loc"])
+        loc, owner = _resolve_loc(tuple(err["loc"]))
         path = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            owner = _model_at(loc)
             hint = _suggest(owner, str(loc[-1])) if owner else ""
             lines.append(f"{source}: {path}: unknown key{hint}")
         else:

@@ -40,12 +40,21 @@ class Trainer:
         self._eval_sets: dict[str, list[Task]] | None = None
 
     # -- resources ----------------------------------------------------------------------------------------
-    def prompts(self) -> dict[str, PromptTemplate]:
-        """The environment's default templates with the recipe's overrides (placeholders checked)."""
-        prompts = self.env.default_prompts(self.recipe.env.mode)
+    def prompts(self, mode: str | None = None) -> dict[str, PromptTemplate]:
+        """The default templates of ``mode`` (the recipe's agent mode by default) with the recipe's overrides
+        (placeholders checked).
+
+        The overrides are written for the recipe's agent; another mode (a warm-start teacher) takes those of
+        the templates it shares with it, so that its demonstrations show the prompts the agent will be given.
+        """
+        agent_mode = self.recipe.env.mode
+        mode = mode or agent_mode
+        prompts = self.env.default_prompts(mode)
         for name, text in self.recipe.prompts.items():
             if name not in prompts:
-                raise ValueError(f"prompts.{name}: the {self.recipe.env.mode} agent has no prompt {name!r}; "
+                if mode != agent_mode:
+                    continue
+                raise ValueError(f"prompts.{name}: the {mode} agent has no prompt {name!r}; "
                                  f"its prompts are {sorted(prompts)}")
             prompts[name] = PromptTemplate(template=text, placeholders=prompts[name].placeholders)
         return prompts
@@ -112,16 +121,21 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[EvalSummary]:
-        """Train with the recipe's algorithm; validate before, every ``eval_steps`` and after.
+        """Train with the recipe's algorithm (GRPO, optionally warm-started, or SFT); validate before, every
+        ``eval_steps`` (GRPO) and after.
 
         With ``resume`` the newest checkpoint in the run directory is loaded (adapter, optimiser, scheduler,
         RNG, step) and training continues from its step; rollouts and metric lines of the interrupted step
         are settled first so nothing is counted twice. Returns the final validation summaries.
         """
-        from rltrain.algorithms.grpo import train_grpo
-
         if self.recipe.algorithm is None:
             raise ValueError("this recipe has no `algorithm:` section; `rltrain eval` runs it, `train` needs one")
+        if self.recipe.algorithm.name == "sft":
+            from rltrain.algorithms.sft import train_sft_run
+
+            return train_sft_run(self, resume=resume)
+        from rltrain.algorithms.grpo import train_grpo
+
         return train_grpo(self, resume=resume)
 
     def eval_sets(self) -> dict[str, list[Task]]:

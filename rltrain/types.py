@@ -125,7 +125,9 @@ class LLMCallRecord(_Record):
 
     ``prompt_ids``/``completion_ids`` are exactly the tokens the engine saw and sampled; ``logprobs`` has one
     entry per completion token. ``prefix_reused`` is true when ``prompt_ids`` starts with the previous turn's
-    prompt + completion ids of the same rollout (decision 1 of the design).
+    prompt + completion ids of the same rollout (decision 1 of the design). ``teacher`` marks a reply that was
+    given to the gateway (``rltrain_completion``, a demonstration) instead of sampled: its ``logprobs`` are all
+    0.0, and it is data for supervised warm starts, never an on-policy sample.
     """
 
     model: str
@@ -144,6 +146,7 @@ class LLMCallRecord(_Record):
     tag: str | None = None
     latency_s: float = 0.0
     choice_index: int = 0
+    teacher: bool = False
 
 
 class SamplingParams(_Record):

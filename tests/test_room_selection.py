@@ -629,6 +629,21 @@ def test_inline_agent_without_prefix_makes_a_plain_call(
     assert "continue_final_message" not in request
 
 
+def test_teacher_sends_the_inline_request_with_the_solvers_answer(
+    scripted: Any, env: RoomSelectionEnv, public: list[Task]
+) -> None:
+    chat = scripted([{"content": " Nova"}, {"content": " Nova"}, {"content": "final_choice: Nova"}])
+    reward, spans = _run_in_rollout(env.agent("teacher"), public[1], _resources("teacher", chat.base_url))
+    assert reward == 1.0 and env.answer_of(spans) == "Nova"
+    env.agent("inline")(public[1].payload, _resources("inline", chat.base_url))
+    no_prefix = _resources("teacher", chat.base_url, answer_prefix=PromptTemplate(template=""))
+    env.agent("teacher")(public[1].payload, no_prefix)
+    teacher, inline, plain = chat.requests
+    assert teacher.pop("rltrain_completion") == " Nova"  # after the prefix: "final_choice: Nova"
+    assert teacher == inline
+    assert plain["rltrain_completion"] == "final_choice: Nova" and "continue_final_message" not in plain
+
+
 def test_agent_names_a_missing_prompt(public: list[Task]) -> None:
     resources = _resources("tool")
     resources.prompts.pop("user")
@@ -643,10 +658,12 @@ def test_env_registry_and_protocol(env: RoomSelectionEnv) -> None:
     assert isinstance(get_env("room_selection"), Environment)
     assert env.answer_space() == [*env.catalog.room_ids, NO_ROOM]
     assert set(env.default_prompts("inline")) == {"system", "user", "answer_prefix"}
+    assert env.default_prompts("teacher") == env.default_prompts("inline")
     assert env.default_prompts("solver") == {}
     with pytest.raises(ValueError, match="unknown room-selection agent mode 'chat'"):
         env.agent("chat")
-    with pytest.raises(UnknownEnvironmentError, match=r"known environments: \['room_selection'\]"):
+    # other test modules register environments of their own when collected, so only ours is checked for
+    with pytest.raises(UnknownEnvironmentError, match=r"known environments: \[.*'room_selection'.*\]"):
         get_env("rooms")
     with pytest.raises(EnvironmentOptionsError, match="does not accept options"):
         get_env("room_selection", catalogue="x.json")

@@ -5,16 +5,17 @@ dataset holds task ids only. TRL's sampler repeats each id ``num_generations`` t
 :class:`RolloutDriver`, which runs that many rollouts of the agent per task through the gateway, turns their
 spans into token rows with the trajectory adapter, and returns exactly one row per prompt it received, in order,
 so TRL's group statistics line up with the task groups.
+
+With a ``warm_start:`` block the adapter is first fine-tuned on demonstrations (:mod:`.sft`) and GRPO continues
+training that same adapter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import PrinterCallback, TrainerCallback, TrainerControl, TrainerState
@@ -23,6 +24,8 @@ from trl import GRPOConfig, GRPOTrainer
 from rltrain.adapters.advantages import answer_distribution, collapse_warning, group_advantages
 from rltrain.adapters.trajectories import TrajectoryAdapter
 from rltrain.agent import Agent
+from rltrain.algorithms.run_state import accuracies, keep_if_best, settle_interrupted
+from rltrain.algorithms.sft import warm_start
 from rltrain.envs.base import Environment
 from rltrain.metrics import EvalSummary, MetricsWriter, peak_rss_mb, plot_run
 from rltrain.recipes import GRPOSection, RunnerConfig
@@ -261,17 +264,11 @@ class _RunCallback(TrainerCallback):
         self.stack = stack
         self.section = section
         self.model = model
-        self.best = _best_so_far(rl.run_dir)
 
-    def validate(self, step: int) -> list[EvalSummary]:
-        summaries = self.rl.evaluate(self.rl.eval_sets(), stack=self.stack, label=f"val-step{step}", step=step)
-        accuracy = summaries[0].accuracy
-        if self.best is None or accuracy > self.best:
-            self.best = accuracy
-            self.model.save_pretrained(self.rl.run_dir / "best")
-            (self.rl.run_dir / "best" / "rltrain_best.json").write_text(
-                json.dumps({"step": step, "accuracy": accuracy, "task_set": summaries[0].task_set})
-            )
+    def validate(self, step: int, label: str | None = None) -> list[EvalSummary]:
+        summaries = self.rl.evaluate(self.rl.eval_sets(), stack=self.stack, label=label or f"val-step{step}",
+                                     step=step)
+        keep_if_best(self.rl.run_dir, self.model, summaries, step)
         plot_run(self.rl.run_dir / "metrics.jsonl", self.rl.run_dir / "plot.png")
         return summaries
 
@@ -284,11 +281,6 @@ class _RunCallback(TrainerCallback):
                **kwargs: Any) -> None:
         if logs:
             self.rl.metrics.write({"event": "train", **logs}, step=state.global_step)
-
-
-def _best_so_far(run_dir: Path) -> float | None:
-    marker = run_dir / "best" / "rltrain_best.json"
-    return json.loads(marker.read_text())["accuracy"] if marker.exists() else None
 
 
 def _grpo_config(rl: RLTrainer, section: GRPOSection) -> GRPOConfig:
@@ -309,6 +301,7 @@ def _grpo_config(rl: RLTrainer, section: GRPOSection) -> GRPOConfig:
         lr_scheduler_type=section.lr_scheduler_type,
         warmup_steps=section.warmup_steps,
         max_grad_norm=section.max_grad_norm,
+        gradient_checkpointing=section.gradient_checkpointing,
         loss_type=section.loss_type,
         beta=section.beta,
         epsilon=section.epsilon,
@@ -330,9 +323,9 @@ def _grpo_config(rl: RLTrainer, section: GRPOSection) -> GRPOConfig:
 
 
 def train_grpo(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
-    """The whole GRPO run: baseline validation, TRL training with agent rollouts, final validation."""
+    """The whole GRPO run: baseline validation (or the warm start and its validation), TRL training with agent
+    rollouts, final validation."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers.trainer_utils import get_last_checkpoint
 
     from rltrain.models import load_model_and_tokenizer
@@ -351,13 +344,14 @@ def train_grpo(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
     train_tasks = rl.load_tasks(train_spec)
     rl.eval_sets()  # a bad task spec fails here, before minutes of model loading
     model, tokenizer = load_model_and_tokenizer(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
+    peft_config = section.lora.to_peft()
+    warm = None
+    if recipe.warm_start is not None:
+        warm = warm_start(rl, model, tokenizer, recipe.warm_start, section.lora, resume=resume)
+        model, peft_config = warm.model, None  # GRPO continues this adapter (a checkpoint, on resume, replaces it)
     driver = RolloutDriver(
         agent=rl.env.agent(recipe.env.mode), env=rl.env, store=rl.store, tasks=train_tasks, section=section,
         runner_config=recipe.runner, metrics=rl.metrics, progress=rl.progress,
-    )
-    lora = LoraConfig(
-        task_type="CAUSAL_LM", r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
-        target_modules=section.lora.target_modules,
     )
     trl_trainer = AgentGRPOTrainer(
         driver=driver,
@@ -365,7 +359,7 @@ def train_grpo(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
         processing_class=tokenizer,
         args=_grpo_config(rl, section),
         train_dataset=Dataset.from_dict({"prompt": [t.id for t in train_tasks]}),
-        peft_config=lora,
+        peft_config=peft_config,
     )
     prompts = rl.prompts()
     with ServingStack(recipe, rl.store, model=trl_trainer.model, tokenizer=tokenizer) as stack:
@@ -378,9 +372,11 @@ def train_grpo(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
         callback = _RunCallback(rl, stack, section, trl_trainer.model)
         trl_trainer.add_callback(callback)
         trl_trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl, not stdout
-        if checkpoint is None:
+        if warm is not None and warm.fresh:  # the warm start validated the base model; now its adapter
+            logger.info("after the warm start: %s", accuracies(callback.validate(0, label="warm_start")))
+        elif warm is None and checkpoint is None:
             baseline = rl.evaluate(rl.eval_sets(), stack=stack, label="baseline", step=0)
-            logger.info("baseline: %s", _accuracies(baseline))
+            logger.info("baseline: %s", accuracies(baseline))
         started = time.perf_counter()
         trl_trainer.train(resume_from_checkpoint=checkpoint)
         train_s = time.perf_counter() - started
@@ -388,27 +384,5 @@ def train_grpo(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
         final = callback.validate(section.max_steps)
     rl.metrics.write({"event": "done", "train_s": train_s, "peak_rss_mb": peak_rss_mb()}, step=section.max_steps)
     plot_run(rl.run_dir / "metrics.jsonl", rl.run_dir / "plot.png")
-    logger.info("final: %s (training %.0f s)", _accuracies(final), train_s)
+    logger.info("final: %s (training %.0f s)", accuracies(final), train_s)
     return final
-
-
-def settle_interrupted(rl: RLTrainer, checkpoint: str | None) -> None:
-    """Before resuming: cancel rollouts a killed process left queued/running, and drop metric lines of steps
-    after the checkpoint (they will be produced again), so nothing is counted twice."""
-    from rltrain.metrics import rewrite_metrics
-    from rltrain.types import RolloutStatus
-
-    stale = [r.rollout_id for status in (RolloutStatus.QUEUED, RolloutStatus.RUNNING)
-             for r in rl.store.list_rollouts(status=status)]
-    if stale:
-        rl.store.cancel_rollouts(stale)
-        logger.info("resume: cancelled %d rollouts left unfinished by the interrupted run", len(stale))
-    step = int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
-    dropped = rewrite_metrics(rl.run_dir / "metrics.jsonl", keep=lambda rec: (rec.get("step") or 0) <= step
-                              and rec.get("event") != "done")
-    if dropped:
-        logger.info("resume: dropped %d metric lines logged after step %d", dropped, step)
-
-
-def _accuracies(summaries: list[EvalSummary]) -> str:
-    return ", ".join(f"{s.task_set} {s.accuracy:.3f}" for s in summaries)

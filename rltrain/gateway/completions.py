@@ -3,6 +3,10 @@
 ``request -> model check -> rollout attribution -> prompt ids (session prefix reuse) -> context check ->
 engine -> per choice: stop strings, tool-call parsing -> session memory -> llm spans``. The FastAPI app in
 :mod:`rltrain.gateway.app` only parses bodies, checks the key and writes the result out.
+
+A request carrying ``rltrain_completion`` (a teacher's demonstration) takes the same path with the engine step
+replaced: the given reply is tokenised as if it had been sampled, so a demonstration becomes the same
+token-level record as any rollout, prefix reuse across its turns included.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 import uuid
 from bisect import bisect_left
 from collections.abc import Sequence
+from typing import Any
 
 from rltrain.engines.base import Completion, ContextLengthError, Engine, EngineError, GenerationRequest
 from rltrain.gateway.chat_format import ChatFormat, ChatFormatError
@@ -52,6 +57,7 @@ class ChatService:
         self.served_models = tuple(served_models)
         self.chat_format = ChatFormat(engine.tokenizer)
         self.sessions = SessionStore(self.chat_format)
+        self._turn_end_id = _turn_end_id(self.chat_format, engine.tokenizer)
 
     # -- models and rollouts --------------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -117,6 +123,25 @@ class ChatService:
             )
         except ChatFormatError as exc:
             raise InvalidRequestError(str(exc), param="messages") from exc
+        if request.rltrain_completion is not None:
+            completions = [self._given_completion(request.rltrain_completion, len(plan.prompt_ids))]
+            policy_version = self.engine.policy_version
+        else:
+            completions, policy_version = await self._generate(request, plan)
+        choices = [self._choice(index, completion, request) for index, completion in enumerate(completions)]
+        result = ChatResult(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(started),
+            model=request.model,
+            prompt_tokens=len(plan.prompt_ids),
+            choices=choices,
+        )
+        if key is not None and self.store is not None:
+            await self._remember(self.store, key, request, plan, result, policy_version, tag, started)
+        return result
+
+    async def _generate(self, request: ChatCompletionRequest, plan: PromptPlan) -> tuple[list[Completion], int]:
+        """Sample the request's completions; returns them and the policy version that sampled them."""
         generation = GenerationRequest(
             prompt_ids=plan.prompt_ids,
             max_tokens=self._max_tokens(request, len(plan.prompt_ids)),
@@ -135,21 +160,26 @@ class ChatService:
             if isinstance(exc, ValueError):  # the engine's own request validation
                 raise InvalidRequestError(f"the engine refused the request: {exc}") from exc
             raise EngineUnavailableError(f"the engine failed to generate: {exc}") from exc
-        choices = [
-            self._choice(index, completion, request) for index, completion in enumerate(generated.completions)
-        ]
-        result = ChatResult(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(started),
-            model=request.model,
-            prompt_tokens=len(plan.prompt_ids),
-            choices=choices,
-        )
-        if key is not None and self.store is not None:
-            await self._remember(
-                self.store, key, request, plan, result, generated.policy_version, tag, started
+        return generated.completions, generated.policy_version
+
+    def _given_completion(self, text: str, prompt_tokens: int) -> Completion:
+        """A teacher's reply as if it had been sampled: its tokens, then the end-of-turn token a sampled reply
+        stops on (so the row teaches the model to stop there). Logprobs are 0.0: nothing was sampled."""
+        if self._turn_end_id is None:
+            raise InvalidRequestError(
+                "rltrain_completion needs an end-of-turn token, but this model's tokenizer has no EOS token and its "
+                "chat template closes a turn with no special token",
+                param="rltrain_completion",
             )
-        return result
+        ids = [*self.chat_format.tokenize(text), self._turn_end_id]
+        context = self.engine.max_context
+        if prompt_tokens + len(ids) > context:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {context} tokens, but the messages take {prompt_tokens} "
+                f"tokens and rltrain_completion {len(ids)}; shorten them",
+                param="rltrain_completion",
+            )
+        return Completion(completion_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop")
 
     def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
         """The completion budget: as asked, or what is left of the context; refused when it cannot fit."""
@@ -253,6 +283,7 @@ class ChatService:
                 tag=tag,
                 latency_s=ended - started,
                 choice_index=choice.index,
+                teacher=request.rltrain_completion is not None,
             )
             spans.append(
                 Span(
@@ -266,6 +297,15 @@ class ChatService:
                 )
             )
         await asyncio.to_thread(store.add_spans, spans)
+
+
+def _turn_end_id(fmt: ChatFormat, tokenizer: Any) -> int | None:
+    """The token a sampled reply ends on: the template's turn-closing token when it is an end-of-turn token
+    (``<|im_end|>``), else the tokenizer's EOS; ``None`` when there is neither."""
+    closing = fmt.turn_closing_ids
+    if closing and closing[0] in fmt.end_of_turn_ids:
+        return closing[0]
+    return tokenizer.eos_token_id
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:

@@ -131,6 +131,11 @@ class ChatCompletionRequest(_OpenAIModel):
     ``tool_choice``: ``"none"`` hides the tools from the model and skips parsing; ``"auto"``, ``"required"`` and
     a named function are accepted but not enforced (there is no constrained decoding), so the completion is
     parsed as for ``"auto"`` and a missing call shows up as plain content in the span.
+
+    ``rltrain_completion`` (rltrain's extension) is the assistant's reply given instead of sampled: a teacher's
+    demonstration. The gateway templates the prompt as for any request, tokenises the reply as the assistant's
+    tokens followed by the end-of-turn token, parses it like a sampled reply and records it (flagged ``teacher``),
+    without calling the engine; ``n`` must be 1, and the sampling fields and ``max_tokens`` do not apply.
     """
 
     model: str
@@ -150,9 +155,12 @@ class ChatCompletionRequest(_OpenAIModel):
     stop: str | list[str] | None = None
     continue_final_message: bool = False
     rltrain_tag: str | None = None
+    rltrain_completion: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
+        if self.rltrain_completion is not None and self.n != 1:
+            raise ValueError(f"rltrain_completion gives exactly one reply, so n must be 1, got n={self.n}")
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise ValueError(
                 f"continue_final_message needs the last message to be an assistant message, "

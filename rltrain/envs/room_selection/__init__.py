@@ -3,7 +3,8 @@
 Task sets (``load_tasks``): ``public`` (the 40 packaged requests), ``public:train`` (first 28),
 ``public:val`` (last 12), ``generated:n=200,seed=7`` (solver-labelled random requests), or a ``.jsonl`` path.
 Agent modes: ``tool`` (the seed's tool-calling agent), ``inline`` (room checks written into the prompt, for
-small models), ``solver`` (no model; the reference agent).
+small models), ``teacher`` (the inline request answered by the solver through the gateway: demonstrations for
+the warm start), ``solver`` (no model; the reference agent).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ Modes:
   resources carry a non-empty ``answer_prefix`` template, it is sent as the start of the assistant's answer
   with ``continue_final_message`` (vLLM's extension, which the gateway also implements) and the model only
   writes the rest; an empty or absent ``answer_prefix`` makes it a plain chat call.
+- ``teacher``: the ``inline`` agent's exact request, with the solver's answer sent as the reply
+  (``rltrain_completion``): the gateway tokenises it as if the model had written it, so a teacher rollout is a
+  demonstration recorded like any inline rollout (the warm start trains on it). It goes through the gateway,
+  so it needs the serving stack, but never samples.
 - ``solver``: answers with the solver and calls no model: the reference agent, 1.0 on any correctly labelled
   task set, which checks the runner, store and grader end to end.
 
@@ -41,7 +45,7 @@ from rltrain.types import LLMResource, PromptTemplate, Resources, SpanKind
 
 logger = logging.getLogger(__name__)
 
-AGENT_MODES = ("tool", "inline", "solver")
+AGENT_MODES = ("tool", "inline", "teacher", "solver")
 DEFAULT_MAX_TURNS = 4
 GRADE_SPAN = "grade"
 CONTINUE_ANSWER = {"continue_final_message": True, "add_generation_prompt": False}
@@ -141,21 +145,46 @@ def _answer_with_tools(request: RoomRequest, resources: Resources, catalog: Cata
     return message.content or ""
 
 
-def _answer_inline(request: RoomRequest, resources: Resources, catalog: Catalog) -> str:
-    """One chat call; with an answer prefix, the model continues it and the answer is prefix + continuation."""
+def _inline_request(
+    request: RoomRequest, resources: Resources, catalog: Catalog
+) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """The inline call: its messages, the answer prefix they end with ("" for none) and the ``extra_body``
+    that makes the server continue that prefix (empty without one)."""
     messages = _opening_messages("inline", request, resources, catalog)
     prefix_template = resources.prompts.get("answer_prefix")
     prefix = prefix_template.format() if prefix_template is not None else ""
-    extra: dict[str, Any] = {}
-    if prefix:
-        messages.append({"role": "assistant", "content": prefix})
-        extra["extra_body"] = CONTINUE_ANSWER
+    if not prefix:
+        return messages, "", {}
+    messages.append({"role": "assistant", "content": prefix})
+    return messages, prefix, dict(CONTINUE_ANSWER)
+
+
+def _answer_inline(request: RoomRequest, resources: Resources, catalog: Catalog) -> str:
+    """One chat call; with an answer prefix, the model continues it and the answer is prefix + continuation."""
+    messages, prefix, extra_body = _inline_request(request, resources, catalog)
     with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
         response = client.chat.completions.create(
             model=resources.llm.model,
             messages=messages,  # type: ignore[arg-type]
             **_sampling(resources.llm),
-            **extra,
+            extra_body=extra_body,
+        )
+    return prefix + (response.choices[0].message.content or "")
+
+
+def _answer_as_teacher(request: RoomRequest, resources: Resources, catalog: Catalog) -> str:
+    """The inline call with the solver's answer as the given reply: after the default prefix ``final_choice:``
+    the reply is `` Lyra``, so prefix + reply reads ``final_choice: Lyra``, as the student should write it."""
+    messages, prefix, extra_body = _inline_request(request, resources, catalog)
+    room = solve(request, catalog)
+    answer = f"final_choice: {room}"
+    reply = answer[len(prefix):] if answer.startswith(prefix) else f" {room}"
+    with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
+        response = client.chat.completions.create(
+            model=resources.llm.model,
+            messages=messages,  # type: ignore[arg-type]
+            **_sampling(resources.llm),
+            extra_body={**extra_body, "rltrain_completion": reply},
         )
     return prefix + (response.choices[0].message.content or "")
 
@@ -186,7 +215,7 @@ def record_grade(answer_text: str, expected: str, catalog: Catalog) -> float:
 
 
 def make_agent(mode: str, catalog: Catalog | None = None, max_turns: int = DEFAULT_MAX_TURNS) -> Agent:
-    """The agent of ``mode`` (``tool``, ``inline`` or ``solver``) answering against ``catalog`` (the
+    """The agent of ``mode`` (``tool``, ``inline``, ``teacher`` or ``solver``) answering against ``catalog`` (the
     reference catalog when ``None``); ``max_turns`` bounds the chat calls of the tool agent."""
     if mode not in AGENT_MODES:
         raise ValueError(f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}")
@@ -195,6 +224,7 @@ def make_agent(mode: str, catalog: Catalog | None = None, max_turns: int = DEFAU
     answerers: dict[str, Answerer] = {
         "tool": functools.partial(_answer_with_tools, max_turns=max_turns),
         "inline": _answer_inline,
+        "teacher": _answer_as_teacher,
         "solver": _answer_with_solver,
     }
     answer = answerers[mode]
@@ -210,4 +240,5 @@ def make_agent(mode: str, catalog: Catalog | None = None, max_turns: int = DEFAU
 
 room_selector_tool = make_agent("tool")
 room_selector_inline = make_agent("inline")
+room_selector_teacher = make_agent("teacher")
 room_selector_solver = make_agent("solver")

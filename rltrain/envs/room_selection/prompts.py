@@ -11,6 +11,9 @@ Two modes:
   greedy answers on the 12 public validation tasks name a room (Orion, the first listed, every time: reading
   the checks is what training has to teach it).
 
+The ``teacher`` mode (demonstrations for the warm start) sends exactly the ``inline`` agent's request, so its
+templates are the inline ones.
+
 Templates are :class:`~rltrain.types.PromptTemplate` resources, so APO can rewrite them; the agent fills
 them with :func:`prompt_values`, which offers every name a template of that mode may use.
 """
@@ -70,11 +73,15 @@ INLINE_PROMPTS: dict[str, PromptTemplate] = {
     "answer_prefix": PromptTemplate(template="final_choice:"),
 }
 
-DEFAULT_PROMPTS: dict[str, dict[str, PromptTemplate]] = {"tool": TOOL_PROMPTS, "inline": INLINE_PROMPTS}
+DEFAULT_PROMPTS: dict[str, dict[str, PromptTemplate]] = {
+    "tool": TOOL_PROMPTS,
+    "inline": INLINE_PROMPTS,
+    "teacher": INLINE_PROMPTS,
+}
 
 
 def default_prompts(mode: str) -> dict[str, PromptTemplate]:
-    """A fresh copy of the default templates of ``mode`` (``tool`` or ``inline``)."""
+    """A fresh copy of the default templates of ``mode`` (``tool``, ``inline`` or ``teacher``)."""
     if mode not in DEFAULT_PROMPTS:
         raise ValueError(
             f"no default prompts for agent mode {mode!r}; modes with prompts: {sorted(DEFAULT_PROMPTS)}"

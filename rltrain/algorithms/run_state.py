@@ -1,0 +1,66 @@
+"""What a run directory carries from one process of a run to the next, for every training algorithm.
+
+* the best adapter: ``best/`` holds the adapter that scored highest on the first validation set so far, with
+  ``best/rltrain_best.json`` naming its step and accuracy, so that a resumed run (or GRPO after a warm start)
+  goes on comparing against it;
+* what an interrupted process left behind: rollouts still queued or running, and metric lines of steps that
+  will be produced again (:func:`settle_interrupted`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rltrain.metrics import EvalSummary
+
+if TYPE_CHECKING:
+    from rltrain.trainer import Trainer as RLTrainer
+
+logger = logging.getLogger(__name__)
+
+BEST_MARKER = "rltrain_best.json"
+
+
+def best_accuracy(run_dir: Path) -> float | None:
+    """The accuracy of the adapter in ``run_dir/best``, or ``None`` when none was kept yet."""
+    marker = run_dir / "best" / BEST_MARKER
+    return json.loads(marker.read_text())["accuracy"] if marker.exists() else None
+
+
+def keep_if_best(run_dir: Path, model: Any, summaries: list[EvalSummary], step: int) -> bool:
+    """Save ``model``'s adapter as ``best`` when it beats the best so far on the first validation set."""
+    accuracy = summaries[0].accuracy
+    best = best_accuracy(run_dir)
+    if best is not None and accuracy <= best:
+        return False
+    model.save_pretrained(run_dir / "best")
+    (run_dir / "best" / BEST_MARKER).write_text(
+        json.dumps({"step": step, "accuracy": accuracy, "task_set": summaries[0].task_set})
+    )
+    return True
+
+
+def settle_interrupted(rl: RLTrainer, checkpoint: str | None) -> None:
+    """Before resuming: cancel rollouts a killed process left queued/running, and drop metric lines of steps
+    after the checkpoint (they will be produced again), so nothing is counted twice."""
+    from rltrain.metrics import rewrite_metrics
+    from rltrain.types import RolloutStatus
+
+    stale = [r.rollout_id for status in (RolloutStatus.QUEUED, RolloutStatus.RUNNING)
+             for r in rl.store.list_rollouts(status=status)]
+    if stale:
+        rl.store.cancel_rollouts(stale)
+        logger.info("resume: cancelled %d rollouts left unfinished by the interrupted run", len(stale))
+    step = int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
+    dropped = rewrite_metrics(rl.run_dir / "metrics.jsonl", keep=lambda rec: (rec.get("step") or 0) <= step
+                              and rec.get("event") != "done")
+    if dropped:
+        logger.info("resume: dropped %d metric lines logged after step %d", dropped, step)
+
+
+def accuracies(summaries: list[EvalSummary]) -> str:
+    """``public:val 0.417, generated:n=40,seed=99 0.300``: validation results for a log line."""
+    return ", ".join(f"{s.task_set} {s.accuracy:.3f}" for s in summaries)

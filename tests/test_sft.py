@@ -1,0 +1,246 @@
+"""The warm start on a tiny model: demonstrations -> rows -> TRL SFTTrainer + PEFT LoRA, alone or before GRPO.
+
+Two environments: room selection (its teacher agent sends the solver's answer through the gateway) and a small
+one made here whose reward depends on what the model sampled, so that rejection sampling keeps some rollouts
+and drops others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from openai import OpenAI
+from safetensors.torch import load_file
+
+from rltrain.agent import rollout
+from rltrain.algorithms.sft import WARM_START_DIR, build_sft_trainer, collect_demonstrations, train_sft
+from rltrain.envs import register_env
+from rltrain.metrics import read_metrics
+from rltrain.models import load_model_and_tokenizer
+from rltrain.recipes import LoraConfig, RecipeError, WarmStartConfig, parse_recipe
+from rltrain.serving import ServingStack
+from rltrain.store import SqliteStore
+from rltrain.trainer import Trainer
+from rltrain.types import LLMCallRecord, PromptTemplate, Resources, Span, SpanKind, Task
+
+
+@rollout
+def even_length_agent(task: dict, resources: Resources) -> float:
+    """Rewarded when the reply has an even number of characters: about half of the samples earn 1.0."""
+    with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
+        reply = client.chat.completions.create(
+            model=resources.llm.model,
+            messages=[{"role": "user", "content": resources.prompts["user"].format(word=task["word"])}],
+            temperature=resources.llm.sampling.temperature,
+            max_tokens=resources.llm.sampling.max_tokens,
+        )
+    return 1.0 if len(reply.choices[0].message.content or "") % 2 == 0 else 0.0
+
+
+class EvenLengthEnv:
+    name = "even_length"
+
+    def load_tasks(self, spec: str) -> list[Task]:
+        return [Task(id=f"w{i}", payload={"word": f"word{i}"}) for i in range(4)]
+
+    def agent(self, mode: str):
+        return even_length_agent
+
+    def reference_agent(self):
+        return even_length_agent
+
+    def default_prompts(self, mode: str) -> dict[str, PromptTemplate]:
+        return {"user": PromptTemplate(template="Repeat {word}.", placeholders=["word"])}
+
+    def answer_space(self) -> None:
+        return None
+
+    def answer_of(self, spans: list[Span]) -> None:
+        return None
+
+
+register_env("even_length", EvenLengthEnv)
+
+SAMPLING = {"train": {"temperature": 1.0, "max_tokens": 6}, "eval": {"temperature": 0.0, "max_tokens": 6}}
+ROOM_SAMPLING = {"train": {"temperature": 1.0, "max_tokens": 4}, "eval": {"temperature": 0.0, "max_tokens": 4}}
+
+
+def even_recipe(tmp_path: Path, model_dir: Path, **sections: object):
+    return parse_recipe({
+        "name": "even", "output_dir": str(tmp_path), "seed": 3, "model": {"name": str(model_dir)},
+        "env": {"name": "even_length", "mode": "any"}, "data": {"train": "all", "val": "all"},
+        "runner": {"concurrency": 8}, "sampling": SAMPLING, **sections,
+    })
+
+
+def room_recipe(tmp_path: Path, model_dir: Path, **sections: object):
+    return parse_recipe({
+        "name": "rooms", "output_dir": str(tmp_path), "seed": 3, "model": {"name": str(model_dir)},
+        "env": {"name": "room_selection", "mode": "inline"},
+        "data": {"train": "public:train", "val": "public:val", "limit": 3},
+        "runner": {"concurrency": 4}, "sampling": ROOM_SAMPLING, **sections,
+    })
+
+
+def lora_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def llm_record(store, rollout_id: str) -> LLMCallRecord:
+    [span] = [s for s in store.get_spans(rollout_id) if s.kind is SpanKind.LLM]
+    return LLMCallRecord.model_validate(span.attributes)
+
+
+def test_rejection_sampled_sft_trains_only_assistant_tokens_of_rewarded_rollouts(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    config = WarmStartConfig(sources=["self"], samples_per_task=4, batch_size=4, max_steps=2, learning_rate=0.05)
+    trainer = Trainer(even_recipe(tmp_path, tiny_model_dir), progress=False)
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    try:
+        with ServingStack(trainer.recipe, trainer.store, model=model, tokenizer=tokenizer) as stack:
+            rows, metrics = collect_demonstrations(trainer, stack, config)
+        rollouts = trainer.store.list_rollouts(mode="warm_start")
+        assert len(rollouts) == 16 == metrics["warm_start/self/collected"]
+        rewarded = {r.rollout_id for r in rollouts if r.reward == 1.0}
+        assert 0 < len(rewarded) < 16, "the test needs both rewarded and unrewarded samples"
+        assert {row.rollout_id for row in rows} == rewarded and len(rows) == metrics["warm_start/self/kept"]
+        for row in rows:  # the tokens are the recorded ones, the policy's tokens are exactly the sampled ones
+            record = llm_record(trainer.store, row.rollout_id)
+            assert (row.prompt_ids, row.completion_ids) == (record.prompt_ids, record.completion_ids)
+            assert row.env_mask == [1] * len(record.completion_ids)
+
+        sft, _ = build_sft_trainer(model, tokenizer, rows, config, LoraConfig(r=4, alpha=8), tmp_path / "sft",
+                                   seed=3, progress=False)
+        # What TRL trains on: labels are the sampled tokens, -100 on every prompt (and padding) position.
+        by_ids = {tuple(r.prompt_ids + r.completion_ids): r for r in rows}
+        for example in sft.train_dataset:
+            row = by_ids[tuple(example["input_ids"])]
+            assert example["labels"] == [-100] * len(row.prompt_ids) + row.completion_ids
+        batch = next(iter(sft.get_train_dataloader()))
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+            row = next(r for key, r in by_ids.items() if ids[: len(key)] == list(key))
+            trained = [token for token in labels if token != -100]
+            assert trained == row.completion_ids
+
+        base, _ = load_model_and_tokenizer(str(tiny_model_dir))  # the one above now carries that trainer's adapter
+        result = train_sft(base, tokenizer, rows, config, LoraConfig(r=4, alpha=8), tmp_path / "sft", seed=3,
+                           progress=False)
+    finally:
+        trainer.close()
+    assert result.steps == 2
+    weights = lora_weights(tmp_path / "sft")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero; SFT must move it"
+
+
+def test_teacher_demonstrations_are_tokenised_by_the_gateway_like_any_rollout(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from rltrain.envs.room_selection.solver import solve
+    from rltrain.envs.room_selection.tasks import request_of
+
+    trainer = Trainer(room_recipe(tmp_path, tiny_model_dir), progress=False)
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    try:
+        with ServingStack(trainer.recipe, trainer.store, model=model, tokenizer=tokenizer) as stack:
+            rows, metrics = collect_demonstrations(trainer, stack, WarmStartConfig())
+            tasks = trainer.load_tasks("public:train")
+            trainer.evaluate({"inline": tasks}, stack=stack, label="inline")  # the student's own requests
+        teacher = trainer.store.list_rollouts(mode="warm_start")
+        student = {r.task.id: r for r in trainer.store.list_rollouts(mode="eval")}
+        assert metrics["warm_start/teacher/kept"] == 3 == len(rows) == len(teacher)
+        expected = {t.id: solve(request_of(t.payload), trainer.env.catalog) for t in tasks}
+        assert metrics["warm_start/teacher/answer_distribution"] == {
+            answer: list(expected.values()).count(answer) / 3 for answer in set(expected.values())
+        }
+        for rollout, row in zip(teacher, rows, strict=True):
+            record = llm_record(trainer.store, rollout.rollout_id)
+            assert record.teacher and not llm_record(trainer.store, student[rollout.task.id].rollout_id).teacher
+            # the same prompt tokens the inline agent's request gets, and the solver's answer after the prefix
+            assert record.prompt_ids == llm_record(trainer.store, student[rollout.task.id].rollout_id).prompt_ids
+            assert tokenizer.decode(record.completion_ids) == f" {expected[rollout.task.id]}<|im_end|>"
+            assert (row.prompt_ids, row.completion_ids) == (record.prompt_ids, record.completion_ids)
+            assert row.env_mask == [1] * len(record.completion_ids) and rollout.reward == 1.0
+    finally:
+        trainer.close()
+
+
+def test_sft_run_end_to_end_writes_adapters_and_metrics(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = room_recipe(tmp_path, tiny_model_dir, algorithm={
+        "name": "sft", "max_steps": 2, "batch_size": 2, "learning_rate": 0.01, "lora": {"r": 4, "alpha": 8},
+    })
+    trainer = Trainer(recipe, progress=False)
+    try:
+        final = trainer.fit()
+    finally:
+        trainer.close()
+    run = tmp_path / "rooms"
+    assert [s.task_set for s in final] == ["public:val"] and final[0].n == 3
+    for adapter in ("final", "best", WARM_START_DIR):
+        assert (run / adapter / "adapter_config.json").exists()
+    assert json.loads((run / "best" / "rltrain_best.json").read_text())["step"] == 2
+    assert (run / "eval" / "baseline.json").exists() and (run / "eval" / "final.json").exists()
+    records = read_metrics(run / "metrics.jsonl")
+    events = [r["event"] for r in records]
+    assert events.count("sft") >= 2 and events[-1] == "done"
+    [collected] = [r for r in records if r["event"] == "demonstrations"]
+    assert collected["warm_start/teacher/kept"] == 3
+    [done] = [r for r in records if r["event"] == "sft_done"]
+    assert (done["sft/steps"], done["sft/rows"], done["sft/dropped_rows"]) == (2, 3, 0)
+    losses = [r["loss"] for r in records if r["event"] == "sft" and "loss" in r]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+
+
+def test_warm_start_then_grpo_continues_the_same_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
+    grpo = {"name": "grpo", "max_steps": 1, "tasks_per_step": 2, "num_generations": 4, "learning_rate": 0.05,
+            "eval_steps": 5, "save_steps": 1, "max_completion_length": 8, "resample_zero_std": 3,
+            "lora": {"r": 4, "alpha": 8}}
+    warm = {"sources": ["self"], "samples_per_task": 4, "max_steps": 1, "batch_size": 4, "learning_rate": 0.05}
+    trainer = Trainer(even_recipe(tmp_path, tiny_model_dir, algorithm=grpo, warm_start=warm), progress=False)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    run = tmp_path / "even"
+    warm_weights = lora_weights(run / WARM_START_DIR)
+    step_weights = lora_weights(run / "checkpoints" / "checkpoint-1")
+    assert warm_weights.keys() == step_weights.keys()
+    assert any(v.abs().sum() > 0 for k, v in warm_weights.items() if "lora_B" in k)
+    # one Adam step moves each weight by at most ~lr: GRPO started from the warm-started adapter, and trained it
+    moved = max((step_weights[k] - warm_weights[k]).abs().max().item() for k in warm_weights)
+    assert 0 < moved <= 0.05 * 1.01
+    assert (run / "eval" / "baseline.json").exists() and (run / "eval" / "warm_start.json").exists()
+    store = SqliteStore(run / "store.sqlite")
+    try:
+        assert len(store.list_rollouts(mode="warm_start")) == 16 and len(store.list_rollouts(mode="train")) >= 8
+    finally:
+        store.close()
+
+    # resume with a longer budget: the warm start is loaded, not collected and trained again
+    resumed = Trainer(even_recipe(tmp_path, tiny_model_dir, algorithm={**grpo, "max_steps": 2}, warm_start=warm),
+                      progress=False)
+    try:
+        resumed.fit(resume=True)
+    finally:
+        resumed.close()
+    assert (run / "checkpoints" / "checkpoint-2").exists()
+    assert lora_weights(run / WARM_START_DIR).keys() == warm_weights.keys()
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["event"] for r in records].count("demonstrations") == 1
+    assert [r["step"] for r in records if r["event"] == "rollouts"] == [0, 1]
+
+
+def test_recipe_sections_for_the_warm_start() -> None:
+    recipe = parse_recipe({"algorithm": {"name": "sft", "sources": ["teacher", "self"]}})
+    assert recipe.algorithm is not None and recipe.algorithm.name == "sft"
+    assert parse_recipe({"warm_start": {}}).warm_start == WarmStartConfig()
+    with pytest.raises(RecipeError, match=r"algorithm\.samples_per_tsk: unknown key \(did you mean 'samples_per"):
+        parse_recipe({"algorithm": {"name": "sft", "samples_per_tsk": 2}})
+    with pytest.raises(RecipeError, match="expected tags: 'grpo', 'sft'"):
+        parse_recipe({"algorithm": {"name": "ppo"}})
+    with pytest.raises(RecipeError, match="remove warm_start"):
+        parse_recipe({"algorithm": {"name": "sft"}, "warm_start": {}})
