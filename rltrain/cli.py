@@ -258,7 +258,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-_HTTP_CLIENT_LOGGERS = ("httpx", "httpcore", "openai", "urllib3", "uvicorn")
+_HTTP_CLIENT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "urllib3", "uvicorn")
 
 
 def _quiet_http_clients(record: logging.LogRecord) -> bool:
