@@ -179,3 +179,20 @@ def test_rendered_prompt_tokenises_and_decodes_back(smollm: ChatFormat) -> None:
     ids = smollm.tokenize(text)
     assert ids[0] == smollm.tokenizer.convert_tokens_to_ids("<|im_start|>")  # no BOS added on top
     assert smollm.decode(ids, skip_special_tokens=False) == text
+
+
+def test_repeated_texts_tokenise_to_the_tokenizers_own_ids(smollm: ChatFormat) -> None:
+    """The tokenisation cache hands out the tokenizer's exact ids, as a fresh list each time."""
+    texts = [
+        smollm.render(TOOL_CONVERSATION, [WEATHER_TOOL]),
+        smollm.render(TOOL_CONVERSATION[:1]),
+        " Paris?",
+    ]
+    for text in texts * 2:
+        expected = list(smollm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = smollm.tokenize(text)
+        assert ids == expected
+        ids.append(-1)  # a caller extending its list must not change the next caller's
+    assert smollm.tokenize(texts[0]) == list(
+        smollm.tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    )

@@ -22,6 +22,7 @@ raw completion text (``raw_assistant``), so the rendering reproduces the tokens 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -63,8 +64,12 @@ class ChatFormat:
     after an assistant message's content) and ``end_of_turn_ids`` (token ids that end an assistant turn).
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, *, tokenize_cache_size: int = 256) -> None:
         self.tokenizer = tokenizer
+        # Rollouts of one task (a GRPO group, every epoch) open with the same prompt, and tokenising it was
+        # half the gateway's own time per call. Per instance, so the cache dies with its tokenizer; lru_cache
+        # is thread-safe.
+        self._encode = functools.lru_cache(maxsize=tokenize_cache_size)(self._encode_uncached)
         self.native_tools = self._renders_tools_natively()
         self.tool_role = "tool" if self._accepts_tool_role() else "user"
         self.turn_closing = self._turn_closing()
@@ -82,8 +87,13 @@ class ChatFormat:
 
     # -- text <-> tokens ------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of rendered text; the template already wrote any BOS, so none is added."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Token ids of rendered text; the template already wrote any BOS, so none is added.
+
+        Repeated texts come from a bounded cache (a fresh list each time: callers may extend it)."""
+        return list(self._encode(text))
+
+    def _encode_uncached(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool) -> str:
         return self.tokenizer.decode(

@@ -16,8 +16,8 @@ import re
 import time
 import uuid
 from bisect import bisect_left
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from rltrain.engines.base import Completion, ContextLengthError, Engine, EngineError, GenerationRequest
 from rltrain.gateway.chat_format import ChatFormat, ChatFormatError
@@ -33,10 +33,13 @@ from rltrain.gateway.schemas import ChatCompletionRequest, ChatMessage
 from rltrain.gateway.sessions import PromptPlan, SessionKey, SessionStore
 from rltrain.gateway.tool_calls import ParsedOutput, parse_tool_calls
 from rltrain.store.base import Store, UnknownRolloutError
+from rltrain.store.memory import MemoryStore
 from rltrain.types import LLMCallRecord, RolloutStatus, Span, SpanKind
 
 #: model names of the form ``policy-v{N}`` address the policy after weight sync N (design decision 4)
 POLICY_ALIAS = re.compile(r"^policy-v(\d+)$")
+
+_T = TypeVar("_T")
 
 
 class ChatService:
@@ -81,7 +84,7 @@ class ChatService:
                 f"rollout {rollout_id!r} not found: this gateway has no store", code="rollout_not_found"
             )
         try:
-            rollout = await asyncio.to_thread(self.store.get_rollout, rollout_id)
+            rollout = await _call_store(self.store, self.store.get_rollout, rollout_id)
         except UnknownRolloutError:
             raise NotFoundError(f"rollout {rollout_id!r} not found", code="rollout_not_found") from None
         if rollout.status.finished:
@@ -296,7 +299,19 @@ class ChatService:
                     attributes=record.model_dump(mode="json"),
                 )
             )
-        await asyncio.to_thread(store.add_spans, spans)
+        await _call_store(store, store.add_spans, spans)
+
+
+async def _call_store(store: Store, method: Callable[..., _T], *args: Any) -> _T:
+    """Call a store method without blocking the event loop.
+
+    A :class:`MemoryStore` answers in microseconds under a briefly held lock, so it is called inline: a hop to
+    a worker thread and back would cost more than the call. Any other store (SQLite: file I/O) runs in a
+    worker thread.
+    """
+    if isinstance(store, MemoryStore):
+        return method(*args)
+    return await asyncio.to_thread(method, *args)
 
 
 def _turn_end_id(fmt: ChatFormat, tokenizer: Any) -> int | None:
