@@ -1,68 +1,33 @@
 """GRPO end to end on a tiny model: agents -> gateway -> adapter rows -> TRL GRPOTrainer + PEFT LoRA.
 
-The environment here is a small one made for the test (registered through the public ``register_env``): its
-agent is a real ``@rollout`` program using the stock ``openai`` client against the gateway, and its reward
-depends on what the model sampled, so groups have reward spread and the LoRA weights must move.
+The environment is the small one in ``tests/even_length_env.py``: its agent is a real ``@rollout`` program using
+the stock ``openai`` client against the gateway, and its reward depends on what the model sampled, so groups have
+reward spread and the LoRA weights must move.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from openai import OpenAI
+from even_length_env import EvenLengthEnv
 from safetensors.torch import load_file
 
-from rltrain.agent import rollout
 from rltrain import envs
 from rltrain.metrics import read_metrics
 from rltrain.recipes import parse_recipe
-from rltrain.trainer import Trainer
 from rltrain.store import SqliteStore
-from rltrain.types import PromptTemplate, Resources, Span, SpanKind, Task
-
-
-@rollout
-def parity_agent(task: dict, resources: Resources) -> float:
-    with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
-        reply = client.chat.completions.create(
-            model=resources.llm.model,
-            messages=[{"role": "user", "content": resources.prompts["user"].format(word=task["word"])}],
-            temperature=resources.llm.sampling.temperature,
-            max_tokens=resources.llm.sampling.max_tokens,
-        )
-    text = reply.choices[0].message.content or ""
-    return 1.0 if len(text) % 2 == 0 else 0.0
-
-
-class ParityEnv:
-    name = "parity"
-
-    def load_tasks(self, spec: str) -> list[Task]:
-        return [Task(id=f"w{i}", payload={"word": f"word{i}"}) for i in range(6)]
-
-    def agent(self, mode: str):
-        return parity_agent
-
-    def reference_agent(self):
-        return parity_agent
-
-    def default_prompts(self, mode: str) -> dict[str, PromptTemplate]:
-        return {"user": PromptTemplate(template="Repeat {word}.", placeholders=["word"])}
-
-    def answer_space(self) -> None:
-        return None
-
-    def answer_of(self, spans: list[Span]) -> None:
-        return None
+from rltrain.trainer import Trainer
+from rltrain.types import SpanKind
 
 
 @pytest.fixture(autouse=True)
 def parity_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registered for these tests only, so the registry other tests see is untouched."""
-    monkeypatch.setitem(envs._REGISTRY, "parity", ParityEnv)
+    monkeypatch.setitem(envs._REGISTRY, "parity", functools.partial(EvenLengthEnv, n_tasks=6))
 
 
 def grpo_recipe(tmp_path: Path, model_dir: Path, max_steps: int):

@@ -12,57 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from openai import OpenAI
+from even_length_env import EvenLengthEnv
 from safetensors.torch import load_file
 
-from rltrain.agent import rollout
+from rltrain import envs
 from rltrain.algorithms.sft import WARM_START_DIR, build_sft_trainer, collect_demonstrations, train_sft
-from rltrain.envs import register_env
 from rltrain.metrics import read_metrics
 from rltrain.models import load_model_and_tokenizer
 from rltrain.recipes import LoraConfig, RecipeError, WarmStartConfig, parse_recipe
 from rltrain.serving import ServingStack
 from rltrain.store import SqliteStore
 from rltrain.trainer import Trainer
-from rltrain.types import LLMCallRecord, PromptTemplate, Resources, Span, SpanKind, Task
+from rltrain.types import LLMCallRecord, SpanKind
 
 
-@rollout
-def even_length_agent(task: dict, resources: Resources) -> float:
-    """Rewarded when the reply has an even number of characters: about half of the samples earn 1.0."""
-    with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
-        reply = client.chat.completions.create(
-            model=resources.llm.model,
-            messages=[{"role": "user", "content": resources.prompts["user"].format(word=task["word"])}],
-            temperature=resources.llm.sampling.temperature,
-            max_tokens=resources.llm.sampling.max_tokens,
-        )
-    return 1.0 if len(reply.choices[0].message.content or "") % 2 == 0 else 0.0
-
-
-class EvenLengthEnv:
-    name = "even_length"
-
-    def load_tasks(self, spec: str) -> list[Task]:
-        return [Task(id=f"w{i}", payload={"word": f"word{i}"}) for i in range(4)]
-
-    def agent(self, mode: str):
-        return even_length_agent
-
-    def reference_agent(self):
-        return even_length_agent
-
-    def default_prompts(self, mode: str) -> dict[str, PromptTemplate]:
-        return {"user": PromptTemplate(template="Repeat {word}.", placeholders=["word"])}
-
-    def answer_space(self) -> None:
-        return None
-
-    def answer_of(self, spans: list[Span]) -> None:
-        return None
-
-
-register_env("even_length", EvenLengthEnv)
+@pytest.fixture(autouse=True)
+def even_length_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registered for these tests only, so the registry other tests see is untouched."""
+    monkeypatch.setitem(envs._REGISTRY, "even_length", EvenLengthEnv)
 
 SAMPLING = {"train": {"temperature": 1.0, "max_tokens": 6}, "eval": {"temperature": 0.0, "max_tokens": 6}}
 ROOM_SAMPLING = {"train": {"temperature": 1.0, "max_tokens": 4}, "eval": {"temperature": 0.0, "max_tokens": 4}}
