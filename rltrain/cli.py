@@ -154,8 +154,6 @@ def _print_summaries(title: str, summaries: list[Any]) -> None:
 
 
 def _train(recipe: Any, resume: bool, progress: bool) -> int:
-    import json as _json
-
     from rltrain.trainer import Trainer
 
     trainer = Trainer(recipe, progress=progress)
@@ -167,7 +165,7 @@ def _train(recipe: Any, resume: bool, progress: bool) -> int:
     if baseline_file.exists():
         from rltrain.metrics import EvalSummary
 
-        before = [EvalSummary.model_validate(s) for s in _json.loads(baseline_file.read_text())]
+        before = [EvalSummary.model_validate(s) for s in json.loads(baseline_file.read_text())]
         _print_summaries("before training (greedy)", before)
     _print_summaries("after training (greedy)", final)
     logging.getLogger("rltrain").info("run directory: %s (plot: %s)", trainer.run_dir, trainer.run_dir / "plot.png")

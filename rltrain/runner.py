@@ -14,7 +14,7 @@ import numbers
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from tqdm.auto import tqdm
 
@@ -73,9 +73,13 @@ class RunStats:
     def failed_fraction(self) -> float:
         return (self.failed + self.timed_out) / self.total if self.total else 0.0
 
+    def add(self, other: RunStats) -> None:
+        """Accumulate another run's counts (a training step made of several runner calls)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
     def as_metrics(self, prefix: str = "rollouts/") -> dict[str, float]:
-        names = ("succeeded", "failed", "timed_out", "cancelled", "retries", "clipped_rewards", "no_reward")
-        metrics = {f"{prefix}{name}": float(getattr(self, name)) for name in names}
+        metrics = {f"{prefix}{f.name}": float(getattr(self, f.name)) for f in fields(self) if f.name != "wall_s"}
         metrics[f"{prefix}per_s"] = self.total / self.wall_s if self.wall_s > 0 else 0.0
         return metrics
 

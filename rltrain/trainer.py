@@ -89,7 +89,7 @@ class Trainer:
         """Run ``agent`` (the recipe's by default) greedily over each task set and summarise.
 
         ``stack`` reuses a running engine + gateway (training does); without one, a stack is started for the
-        duration unless the agent is the environment's reference agent, which needs no model.
+        duration unless the agent declares ``needs_llm=False`` (a solver), which needs no model.
         """
         agent = agent or self.env.agent(self.recipe.env.mode)
         if stack is None and agent.needs_llm:

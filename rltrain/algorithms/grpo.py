@@ -32,7 +32,7 @@ from rltrain.recipes import GRPOSection, RunnerConfig
 from rltrain.runner import Runner, RunStats
 from rltrain.serving import ServingStack
 from rltrain.store.base import Store
-from rltrain.types import Resources, Rollout, Task, Trajectory
+from rltrain.types import Resources, Rollout, Span, Task, Trajectory
 
 if TYPE_CHECKING:
     from rltrain.trainer import Trainer as RLTrainer
@@ -151,11 +151,13 @@ class RolloutDriver:
                 "exception spans in the store for the reasons"
             )
         rollouts = [r for g in by_group for r in g]
-        rows, adapter_metrics = self._rows(rollouts)
+        # Read each rollout's final-attempt spans once: the adapter and the answer diagnostics both need them.
+        spans = {r.rollout_id: self.store.get_spans(r.rollout_id, r.attempt_count) for r in rollouts}
+        rows, adapter_metrics = self._rows(rollouts, spans)
         rewards = [r.reward if r.reward is not None else 0.0 for r in rollouts]
         groups_ids = [r.group_id or r.task.id for r in rollouts]
         adv = group_advantages(rewards, groups_ids, scale_rewards=self.section.scale_rewards)
-        answers = [self.env.answer_of(self.store.get_spans(r.rollout_id, r.attempt_count)) for r in rollouts]
+        answers = [self.env.answer_of(spans[r.rollout_id]) for r in rollouts]
         dist = answer_distribution(answers)
         warning = collapse_warning(dist)
         if warning:
@@ -194,16 +196,15 @@ class RolloutDriver:
             )
             for k, i in enumerate(indices):
                 out[i] = result.rollouts[k * size:(k + 1) * size]
-            for name in ("succeeded", "failed", "timed_out", "cancelled", "retries", "clipped_rewards",
-                         "no_reward"):
-                setattr(stats, name, getattr(stats, name) + getattr(result.stats, name))
-            stats.wall_s += result.stats.wall_s
+            stats.add(result.stats)
         return out
 
-    def _rows(self, rollouts: list[Rollout]) -> tuple[list[Trajectory | None], dict[str, float]]:
+    def _rows(
+        self, rollouts: list[Rollout], spans: dict[str, list[Span]]
+    ) -> tuple[list[Trajectory | None], dict[str, float]]:
         """One row per rollout (TRL trains one sequence per sample): its last row, truncated to the limit."""
         limit = self.section.max_completion_length
-        result = self.adapter.adapt_many((r, self.store.get_spans(r.rollout_id)) for r in rollouts)
+        result = self.adapter.adapt_many((r, spans[r.rollout_id]) for r in rollouts)
         last: dict[str, Trajectory] = {}
         for row in result.rows:
             last[row.rollout_id] = row
