@@ -242,7 +242,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from rltrain.recipes import RecipeError
 
-    errors: list[type[BaseException]] = [RecipeError, ValidationError, FileNotFoundError]
+    from rltrain.runner import TrainingAbortedError
+
+    # TrainingAbortedError is not bad input, but its message says what happened and where to look.
+    errors: list[type[BaseException]] = [RecipeError, ValidationError, FileNotFoundError, TrainingAbortedError]
     try:
         from rltrain.envs import EnvironmentOptionsError, UnknownEnvironmentError
         from rltrain.envs.room_selection.tasks import TaskSpecError

@@ -26,6 +26,10 @@ from rltrain.types import Resources, Rollout, RolloutStatus, SpanKind, Task
 logger = logging.getLogger(__name__)
 
 
+class TrainingAbortedError(RuntimeError):
+    """A training step whose rollouts mostly failed: training on it would be training on noise."""
+
+
 class RewardError(ValueError):
     """An agent returned something that is not a usable reward."""
 

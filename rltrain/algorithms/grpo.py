@@ -29,7 +29,7 @@ from rltrain.algorithms.sft import warm_start
 from rltrain.envs.base import Environment
 from rltrain.metrics import EvalSummary, MetricsWriter, peak_rss_mb, plot_run
 from rltrain.recipes import GRPOSection, RunnerConfig
-from rltrain.runner import Runner, RunStats
+from rltrain.runner import Runner, RunStats, TrainingAbortedError
 from rltrain.serving import ServingStack
 from rltrain.store.base import Store
 from rltrain.types import Resources, Rollout, Span, Task, Trajectory
@@ -38,10 +38,6 @@ if TYPE_CHECKING:
     from rltrain.trainer import Trainer as RLTrainer
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingAbortedError(RuntimeError):
-    """A step whose rollouts mostly failed: training on it would be training on noise."""
 
 
 @dataclass
