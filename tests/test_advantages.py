@@ -1,10 +1,12 @@
-"""Advantages against hand computations: GRPO scaling modes, zero-std groups, collapse, GAE, whitening."""
+"""Advantages against hand computations: GRPO scaling modes, zero-std groups, collapse, GAE, whitening, and
+PPO's rewards on tokens (final or per turn) and batch estimate."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+from test_trajectories import llm_span, make_rollout, tool_span
 
 from rltrain.adapters.advantages import (
     UNPARSEABLE,
@@ -12,8 +14,12 @@ from rltrain.adapters.advantages import (
     collapse_warning,
     gae,
     group_advantages,
+    ppo_advantages,
+    token_rewards,
     whiten,
 )
+from rltrain.adapters.trajectories import TrajectoryAdapter
+from rltrain.types import Span, SpanKind
 
 # group a: [1, 0, 0] (mean 1/3, sample std sqrt(1/3)); group b: [1, 1] (std 0); group c: [1] (alone)
 REWARDS = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
@@ -151,3 +157,113 @@ def test_whiten_uses_masked_entries_only() -> None:
 def test_whiten_needs_two_entries() -> None:
     with pytest.raises(ValueError, match="at least two"):
         whiten([1.0, 2.0], [1, 0])
+
+
+# -- PPO: rewards on tokens, and the batch estimate ------------------------------------------------------------
+# A two-turn rollout: turn 1 completes [10, 11], a tool answers [50, 51], turn 2 completes [12, 13].
+# Its row: completion [10, 11, 50, 51, 12, 13], env_mask [1, 1, 0, 0, 1, 1].
+TURN_1 = ([1, 2], [10, 11])
+TURN_2 = ([1, 2, 10, 11, 50, 51], [12, 13])
+
+
+def two_turn_row(spans_after: list[tuple[str, float]], rollout_reward: float):
+    """The row of a two-turn rollout and its spans; ``spans_after`` lists ("turn1" | "turn2" | "start", reward)
+    for rewards emitted after that point."""
+    ro = make_rollout(reward=rollout_reward)
+    emitted = {key: [v for k, v in spans_after if k == key] for key in ("start", "turn1", "turn2")}
+    spans, seq = [], 0
+
+    def add(span):
+        nonlocal seq
+        spans.append(span.model_copy(update={"sequence": seq}))
+        seq += 1
+
+    for value in emitted["start"]:
+        add(reward_span(ro, value))
+    add(llm_span(ro, 0, *TURN_1))
+    add(tool_span(ro, 0))
+    for value in emitted["turn1"]:
+        add(reward_span(ro, value))
+    add(llm_span(ro, 0, *TURN_2))
+    for value in emitted["turn2"]:
+        add(reward_span(ro, value))
+    [row] = TrajectoryAdapter().adapt(ro, spans).rows
+    assert row.env_mask == [1, 1, 0, 0, 1, 1]
+    return row, spans
+
+
+def reward_span(rollout, value: float) -> Span:
+    return Span(rollout_id=rollout.rollout_id, kind=SpanKind.REWARD, name="reward", attributes={"value": value})
+
+
+def test_final_placement_puts_the_rollout_reward_on_the_last_policy_token() -> None:
+    row, spans = two_turn_row([("turn1", 0.2), ("turn2", 0.5)], rollout_reward=0.5)
+    assert token_rewards(row, spans) == [0.0, 0.0, 0.0, 0.0, 0.0, 0.5]
+
+
+def test_per_turn_placement_credits_each_emitted_reward_to_the_turn_before_it() -> None:
+    # the agent returned nothing: its reward is its last emitted one (0.5), which must not count twice
+    row, spans = two_turn_row([("turn1", 0.2), ("turn2", 0.5)], rollout_reward=0.5)
+    assert token_rewards(row, spans, per_turn=True) == [0.0, 0.2, 0.0, 0.0, 0.0, 0.5]
+
+
+def test_per_turn_placement_adds_the_returned_reward_when_no_reward_followed_the_last_turn() -> None:
+    row, spans = two_turn_row([("start", 0.1), ("turn1", 0.2)], rollout_reward=1.0)
+    assert token_rewards(row, spans, per_turn=True) == pytest.approx([0.1, 0.2, 0.0, 0.0, 0.0, 1.0])
+
+
+def test_per_turn_placement_keeps_the_rewards_of_cut_turns_on_a_truncated_row() -> None:
+    row, spans = two_turn_row([("turn1", 0.2), ("turn2", 0.5)], rollout_reward=0.5)
+    cut = row.model_copy(update={"completion_ids": row.completion_ids[:4], "logprobs": row.logprobs[:4],
+                                 "env_mask": row.env_mask[:4]})
+    assert token_rewards(cut, spans, per_turn=True) == pytest.approx([0.0, 0.7, 0.0, 0.0])
+    assert token_rewards(cut, spans) == [0.0, 0.5, 0.0, 0.0]
+
+
+def test_per_turn_placement_ignores_calls_of_another_row() -> None:
+    row, spans = two_turn_row([("turn2", 0.5)], rollout_reward=0.5)
+    ro_id = spans[0].rollout_id
+    fork = llm_span(make_rollout(), 0, [9, 9], [8]).model_copy(update={"rollout_id": ro_id, "sequence": 1})
+    late = reward_span(spans[0], 0.3).model_copy(update={"rollout_id": ro_id, "sequence": 2})
+    # order: turn 1, fork, reward 0.3 (credited to turn 1, the row's latest turn), tool, turn 2, reward 0.5
+    reordered = [spans[0], fork, late, *spans[1:]]
+    reordered = [s.model_copy(update={"sequence": i}) for i, s in enumerate(reordered)]
+    assert token_rewards(row, reordered, per_turn=True) == pytest.approx([0.0, 0.3, 0.0, 0.0, 0.0, 0.5])
+
+
+def test_per_turn_placement_rejects_a_non_finite_emitted_reward() -> None:
+    row, spans = two_turn_row([("turn1", float("nan"))], rollout_reward=1.0)
+    with pytest.raises(ValueError, match="must be finite"):
+        token_rewards(row, spans, per_turn=True)
+
+
+def flat(rows: list[list[float]]) -> list[float]:
+    return [x for row in rows for x in row]
+
+
+def test_ppo_advantages_run_gae_per_row_and_whiten_over_the_batch() -> None:
+    # row a: policy, tool, policy (reward 1 at the end); row b: policy, policy, padding (reward 0)
+    rewards = [[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    values = [[0.5, 7.0, 0.5], [0.2, 0.2, 0.0]]
+    masks = [[1, 0, 1], [1, 1, 0]]
+    raw = ppo_advantages(rewards, values, masks, gamma=1.0, lam=1.0, whiten_advantages=False)
+    # a: t2 delta 0.5 -> A 0.5, R 1; t0 delta 0 + 0.5 - 0.5 = 0 -> A 0.5, R 1.  b: t1 A -0.2, R 0; t0 A -0.2, R 0
+    assert flat(raw.advantages) == pytest.approx([0.5, 0.0, 0.5, -0.2, -0.2, 0.0])
+    assert flat(raw.returns) == pytest.approx([1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    std = math.sqrt(4 * 0.35**2 / 3)
+    assert raw.metrics == pytest.approx({
+        "train/advantage_mean": 0.15, "train/advantage_std": std, "train/value_mean": 0.35,
+        "train/return_mean": 0.5,
+        "train/explained_variance": 1 - 0.1225 / 0.25,  # Var(R - V) = Var([.5, .5, -.2, -.2]); Var(R) = .25
+    })
+    white = ppo_advantages(rewards, values, masks, gamma=1.0, lam=1.0)
+    z = 0.35 / math.sqrt(std**2 + 1e-8)
+    assert [len(row) for row in white.advantages] == [3, 3]
+    assert flat(white.advantages) == pytest.approx([z, 0.0, z, -z, -z, 0.0])
+    assert white.returns == raw.returns and white.metrics == raw.metrics
+
+
+def test_ppo_advantages_leave_a_batch_of_one_policy_token_unwhitened() -> None:
+    result = ppo_advantages([[1.0, 0.0]], [[0.25, 0.0]], [[1, 0]], gamma=1.0, lam=0.95)
+    assert result.advantages == [[0.75, 0.0]]
+    assert math.isnan(result.metrics["train/explained_variance"])  # a single return has no variance

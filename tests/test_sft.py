@@ -208,6 +208,6 @@ def test_recipe_sections_for_the_warm_start() -> None:
     with pytest.raises(RecipeError, match=r"algorithm\.samples_per_tsk: unknown key \(did you mean 'samples_per"):
         parse_recipe({"algorithm": {"name": "sft", "samples_per_tsk": 2}})
     with pytest.raises(RecipeError, match="expected tags: 'grpo', 'sft'"):
-        parse_recipe({"algorithm": {"name": "ppo"}})
+        parse_recipe({"algorithm": {"name": "dpo"}})
     with pytest.raises(RecipeError, match="remove warm_start"):
         parse_recipe({"algorithm": {"name": "sft"}, "warm_start": {}})

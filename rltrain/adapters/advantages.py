@@ -4,16 +4,21 @@
   share of groups that carry no signal (every member got the same reward).
 * :func:`answer_distribution` / :func:`collapse_warning`: the answer mix of a batch, because a policy that
   collapses onto one answer (the majority class) can hold a deceptively good accuracy while learning nothing.
-* :func:`gae` / :func:`whiten`: generalised advantage estimation over one row's policy tokens for PPO, with
-  tool/observation tokens (mask 0) skipped.
+* PPO, per token: :func:`token_rewards` places a row's reward(s) on its policy tokens, :func:`gae` estimates
+  advantages and returns over one row's policy tokens (tool/observation tokens, mask 0, skipped), :func:`whiten`
+  normalises them over a batch, and :func:`ppo_advantages` does all three for a batch with its health metrics.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
+
+from rltrain.adapters.trajectories import span_order
+from rltrain.types import Span, SpanKind, Trajectory
 
 ScaleRewards = Literal["group", "batch", "none"]
 UNPARSEABLE = "<unparseable>"
@@ -205,3 +210,145 @@ def whiten(values: list[float], mask: list[int], shift_mean: bool = True, eps: f
     scale = 1.0 / math.sqrt(var + eps)
     offset = 0.0 if shift_mean else mean
     return [(v - mean) * scale + offset if m else 0.0 for v, m in zip(values, mask, strict=True)]
+
+
+def token_rewards(row: Trajectory, spans: list[Span], per_turn: bool = False) -> list[float]:
+    """One reward per completion token of ``row``: the value targets PPO's GAE discounts.
+
+    By default the rollout's reward sits on the row's last policy token (the episode's end) and every other
+    token gets 0.0. With ``per_turn``, an agent that emitted rewards during the rollout (``emit_reward``, one per
+    turn, say) gets each of them on the last policy token the row had produced when it was emitted (the first
+    policy token when none had been), so earlier turns are credited where they ended; the rollout's reward is
+    then added on the last policy token only when no emitted reward followed the row's last turn (otherwise it
+    would be counted twice: an agent's reward defaults to its last emitted one). ``spans`` are the rollout's
+    spans of the attempt the row was built from; llm calls of other rows (forks) are recognised and ignored.
+
+    A row cut at ``max_completion_length`` keeps the rewards of its cut turns on its last policy token, so the
+    return of the row is unchanged. A row without policy tokens gets no reward (it trains nothing).
+    """
+    n = len(row.env_mask)
+    policy = [i for i, m in enumerate(row.env_mask) if m]
+    rewards = [0.0] * n
+    if not policy:
+        return rewards
+    if not per_turn:
+        rewards[policy[-1]] = row.reward
+        return rewards
+    turn_end: int | None = None
+    rewarded_since_turn = False
+    for span in sorted(spans, key=span_order):
+        if span.kind is SpanKind.LLM:
+            end = _turn_end(row, span)
+            if end is not None:
+                turn_end, rewarded_since_turn = end, False
+        elif span.kind is SpanKind.REWARD:
+            value = float(span.attributes.get("value", math.nan))
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"rollout {row.rollout_id}: reward span {span.span_id} has value {value}; emitted rewards "
+                    "must be finite numbers"
+                )
+            k = 0 if turn_end is None else max(bisect.bisect_right(policy, turn_end) - 1, 0)
+            rewards[policy[k]] += value
+            rewarded_since_turn = True
+    if not rewarded_since_turn:
+        rewards[policy[-1]] += row.reward
+    return rewards
+
+
+def _turn_end(row: Trajectory, span: Span) -> int | None:
+    """Index in ``row.completion_ids`` of the last token of llm call ``span`` (clamped to a truncated row's
+    end), or ``None`` when the call is not part of this row. Rows are built by concatenation (the adapter's
+    rule), so a call belongs to the row when its prompt + completion is a prefix of the row's sequence."""
+    prompt: list[int] = span.attributes.get("prompt_ids", [])
+    completion: list[int] = span.attributes.get("completion_ids", [])
+    head, n = len(row.prompt_ids), len(row.completion_ids)
+    start = len(prompt) - head
+    if start < 0 or prompt[:head] != row.prompt_ids:
+        return None
+    seen = min(start, n)
+    if prompt[head:head + seen] != row.completion_ids[:seen]:
+        return None
+    stop = min(start + len(completion), n)
+    if start < n and completion[: stop - start] != row.completion_ids[start:stop]:
+        return None
+    return stop - 1
+
+
+@dataclass(frozen=True)
+class PPOAdvantages:
+    """Per-token advantages and returns of a batch of rows (0.0 on mask-0 tokens), and the step's metrics:
+
+    * ``train/advantage_mean`` / ``train/advantage_std``: of the GAE advantages before whitening (after it they
+      are 0 and 1 by construction);
+    * ``train/value_mean`` / ``train/return_mean``: what the critic predicted and what it is trained towards;
+    * ``train/explained_variance``: ``1 - Var(return - value) / Var(return)`` over policy tokens; 1 is a perfect
+      critic, 0 one no better than a constant, negative a harmful one; NaN when every return is equal.
+    """
+
+    advantages: list[list[float]]
+    returns: list[list[float]]
+    metrics: dict[str, float]
+
+
+def ppo_advantages(
+    rewards: list[list[float]],
+    values: list[list[float]],
+    masks: list[list[int]],
+    gamma: float,
+    lam: float,
+    whiten_advantages: bool = True,
+) -> PPOAdvantages:
+    """GAE (:func:`gae`) over each row, then, with ``whiten_advantages``, whitening over every policy token of
+    the batch (:func:`whiten`; skipped when the batch has fewer than two policy tokens, which carry no variance
+    to normalise). Rows are given as equally long or ragged lists; each row's three lists align."""
+    if not len(rewards) == len(values) == len(masks):
+        raise ValueError(
+            f"ppo_advantages: rewards ({len(rewards)}), values ({len(values)}) and masks ({len(masks)}) must have "
+            "one entry per row"
+        )
+    advantages: list[list[float]] = []
+    returns: list[list[float]] = []
+    for r, v, m in zip(rewards, values, masks, strict=True):
+        a, ret = gae(r, v, m, gamma=gamma, lam=lam)
+        advantages.append(a)
+        returns.append(ret)
+    flat_mask = [m for row in masks for m in row]
+    flat_adv = [a for row in advantages for a in row]
+    kept = [i for i, m in enumerate(flat_mask) if m]
+    raw = [flat_adv[i] for i in kept]
+    flat_ret = [x for row in returns for x in row]
+    flat_val = [x for row in values for x in row]
+    ret = [flat_ret[i] for i in kept]
+    val = [flat_val[i] for i in kept]
+    metrics = {
+        "train/advantage_mean": _mean(raw),
+        "train/advantage_std": _mean_std(raw)[1] if raw else 0.0,
+        "train/value_mean": _mean(val),
+        "train/return_mean": _mean(ret),
+        "train/explained_variance": _explained_variance(val, ret),
+    }
+    if whiten_advantages and len(kept) >= 2:
+        white = whiten(flat_adv, flat_mask)
+        advantages, offset = [], 0
+        for row in masks:
+            advantages.append(white[offset:offset + len(row)])
+            offset += len(row)
+    return PPOAdvantages(advantages=advantages, returns=returns, metrics=metrics)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _explained_variance(predicted: list[float], target: list[float]) -> float:
+    """``1 - Var(target - predicted) / Var(target)`` (population variances); NaN when ``target`` is constant."""
+    if not target:
+        return math.nan
+    mean_t = _mean(target)
+    var_t = _mean([(t - mean_t) ** 2 for t in target])
+    if var_t == 0.0:
+        return math.nan
+    residual = [t - p for p, t in zip(predicted, target, strict=True)]
+    mean_r = _mean(residual)
+    return 1.0 - _mean([(r - mean_r) ** 2 for r in residual]) / var_t
