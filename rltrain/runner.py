@@ -13,6 +13,7 @@ import math
 import numbers
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -28,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 class TrainingAbortedError(RuntimeError):
     """A training step whose rollouts mostly failed: training on it would be training on noise."""
+
+
+#: characters of an error message that count as its reason when failures are tallied (ids and numbers that
+#: follow rarely tell two failures apart)
+_REASON_CHARS = 400
 
 
 class RewardError(ValueError):
@@ -68,6 +74,8 @@ class RunStats:
     clipped_rewards: int = 0
     no_reward: int = 0
     wall_s: float = 0.0
+    #: final errors of the failed and timed-out rollouts, by reason (what an aborted step reports)
+    errors: Counter[str] = field(default_factory=Counter)
 
     @property
     def total(self) -> int:
@@ -83,9 +91,25 @@ class RunStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def as_metrics(self, prefix: str = "rollouts/") -> dict[str, float]:
-        metrics = {f"{prefix}{f.name}": float(getattr(self, f.name)) for f in fields(self) if f.name != "wall_s"}
+        metrics = {
+            f"{prefix}{f.name}": float(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in ("wall_s", "errors")
+        }
         metrics[f"{prefix}per_s"] = self.total / self.wall_s if self.wall_s > 0 else 0.0
         return metrics
+
+    def stop_if_mostly_failed(self, max_failed_fraction: float, what: str) -> None:
+        """Raise :class:`TrainingAbortedError` when more than ``max_failed_fraction`` of the rollouts failed or
+        timed out; its message counts them and names the most common reasons (``what`` says which step)."""
+        if not self.total or self.failed_fraction <= max_failed_fraction:
+            return
+        reasons = "; ".join(f"{count}x {reason}" for reason, count in self.errors.most_common(3))
+        raise TrainingAbortedError(
+            f"{what}: {self.failed + self.timed_out} of {self.total} rollouts failed or timed out (more than "
+            f"runner.max_failed_fraction={max_failed_fraction}); most common reasons: {reasons}. Every reason is "
+            "an exception span in the store"
+        )
 
 
 @dataclass
@@ -124,26 +148,22 @@ class Runner:
     ) -> RunResult:
         """Run ``group_size`` rollouts of every task; returns them (final state) in task order."""
         batch = uuid.uuid4().hex[:8]
-        rollouts = [
-            Rollout(
-                task=task,
-                resources_version=resources.version,
-                mode=mode,
-                batch_id=batch,
-                group_id=f"{task.id}@{batch}",
-                max_attempts=self.config.max_attempts,
-            )
-            for task in tasks
-            for _ in range(group_size)
-        ]
-        self.store.enqueue_rollouts(rollouts)
-        ids = [r.rollout_id for r in rollouts]
+        # Unguessable ids (the id in an agent's base URL is all the gateway asks of a call that records), the
+        # group_id f"{task.id}@{batch}": see rltrain.store.rules.NewBatch.
+        ids = self.store.enqueue_tasks(
+            tasks,
+            mode=mode,
+            resources_version=resources.version,
+            batch_id=batch,
+            group_size=group_size,
+            max_attempts=self.config.max_attempts,
+        )
         stats = RunStats()
         start = time.perf_counter()
-        bar = tqdm(total=len(rollouts), desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=len(ids), desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
         workers = [
             asyncio.create_task(self._worker(f"w{i}-{batch}", batch, resources, stats, bar))
-            for i in range(min(self.config.concurrency, len(rollouts)))
+            for i in range(min(self.config.concurrency, len(ids)))
         ]
         try:
             await asyncio.gather(*workers)
@@ -176,7 +196,7 @@ class Runner:
     ) -> Rollout | None:
         """One attempt; returns the finished rollout, or None when it was re-queued for another attempt."""
         ctx = RolloutContext(rollout.rollout_id, attempt_no, self.store)
-        lent = resources.for_rollout(self.gateway_url, rollout.rollout_id)
+        lent = resources.for_rollout(self.gateway_url, rollout.rollout_id, attempt_no)
         reward: float | None = None
         error: str | None = None
         status = RolloutStatus.SUCCEEDED
@@ -214,5 +234,6 @@ class Runner:
         else:
             stats.failed += 1
         if error:
+            stats.errors[error[:_REASON_CHARS]] += 1
             logger.warning("rollout %s (task %s) %s: %s", rollout.rollout_id, rollout.task.id, status, error)
         return final

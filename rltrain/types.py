@@ -256,9 +256,12 @@ class Resources(_Record):
     llm: LLMResource
     prompts: dict[str, PromptTemplate] = Field(default_factory=dict)
 
-    def for_rollout(self, gateway_url: str, rollout_id: str) -> Resources:
-        """A copy whose base URL attributes every call to ``rollout_id`` (no agent code change needed)."""
-        llm = self.llm.model_copy(update={"base_url": f"{gateway_url.rstrip('/')}/rollouts/{rollout_id}/v1"})
+    def for_rollout(self, gateway_url: str, rollout_id: str, attempt_no: int | None = None) -> Resources:
+        """A copy whose base URL attributes every call to ``rollout_id`` (no agent code change needed); with
+        ``attempt_no``, only while that attempt runs (a late call from an ended attempt is refused, never
+        recorded in the retry that replaced it)."""
+        path = f"rollouts/{rollout_id}" if attempt_no is None else f"rollouts/{rollout_id}/attempts/{attempt_no}"
+        llm = self.llm.model_copy(update={"base_url": f"{gateway_url.rstrip('/')}/{path}/v1"})
         return self.model_copy(update={"llm": llm})
 
 

@@ -17,10 +17,8 @@ from even_length_env import EvenLengthEnv
 from safetensors.torch import load_file
 
 from rltrain import envs
-from rltrain.agent import rollout
 from rltrain.metrics import read_metrics
 from rltrain.recipes import parse_recipe
-from rltrain.runner import TrainingAbortedError
 from rltrain.store import SqliteStore
 from rltrain.trainer import Trainer
 from rltrain.types import SpanKind
@@ -112,27 +110,3 @@ def test_zero_signal_step_is_reported(tmp_path: Path, tiny_model_dir: Path, capl
     [rollouts] = [r for r in read_metrics(tmp_path / "grpo-tiny" / "metrics.jsonl") if r.get("event") == "rollouts"]
     assert rollouts["train/frac_zero_std_groups"] == 1.0
     assert "no learning signal" in caplog.text
-
-
-@rollout
-def broken_agent(task: dict, resources) -> float:
-    raise ConnectionError("tool backend unreachable")
-
-
-class BrokenEnv(EvenLengthEnv):
-    def agent(self, mode: str):
-        return broken_agent
-
-
-def test_step_of_failed_rollouts_stops_the_run(tmp_path: Path, tiny_model_dir: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(envs._REGISTRY, "parity", functools.partial(BrokenEnv, n_tasks=6))
-    trainer = Trainer(grpo_recipe(tmp_path, tiny_model_dir, max_steps=2), progress=False)
-    try:
-        with pytest.raises(TrainingAbortedError, match=r"step 0: 8 of 8 rollouts failed .*max_failed_fraction=0.5"):
-            trainer.fit()
-        failed = trainer.store.list_rollouts(mode="train")
-    finally:
-        trainer.close()
-    assert len(failed) == 8 and all("tool backend unreachable" in (r.error or "") for r in failed)
-    assert not (tmp_path / "grpo-tiny" / "checkpoints" / "checkpoint-1").exists(), "no step trained on noise"

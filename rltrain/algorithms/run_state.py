@@ -4,7 +4,8 @@
   ``best/rltrain_best.json`` naming its step and accuracy, so that a resumed run (or GRPO after a warm start)
   goes on comparing against it;
 * what an interrupted process left behind: rollouts still queued or running, and metric lines of steps that
-  will be produced again (:func:`settle_interrupted`).
+  will be produced again (:func:`settle_interrupted`);
+* which checkpoint to resume from: the newest *complete* one (:func:`last_complete_checkpoint`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BEST_MARKER = "rltrain_best.json"
+#: the file the Hugging Face Trainer writes last into a checkpoint folder
+TRAINER_STATE = "trainer_state.json"
 
 
 def best_accuracy(run_dir: Path) -> float | None:
@@ -41,6 +44,32 @@ def keep_if_best(run_dir: Path, model: Any, summaries: list[EvalSummary], step: 
         json.dumps({"step": step, "accuracy": accuracy, "task_set": summaries[0].task_set})
     )
     return True
+
+
+def last_complete_checkpoint(checkpoints_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` folder that was written to the end, or ``None`` when there is none.
+
+    The Hugging Face Trainer writes a checkpoint in place, adapter first and ``trainer_state.json`` last, so a
+    process killed while saving leaves a folder that looks like the newest checkpoint but cannot be resumed
+    from. A checkpoint counts as complete when its ``trainer_state.json`` parses and names step ``N``; newer
+    incomplete ones are skipped with a warning (the next save of that step overwrites them).
+    """
+    if not checkpoints_dir.is_dir():
+        return None
+    numbered = []
+    for folder in checkpoints_dir.iterdir():
+        prefix, _, number = folder.name.rpartition("-")
+        if prefix == "checkpoint" and number.isdigit() and folder.is_dir():
+            numbered.append((int(number), folder))
+    for step, folder in sorted(numbered, reverse=True):
+        try:
+            state = json.loads((folder / TRAINER_STATE).read_text())
+        except (OSError, json.JSONDecodeError):
+            state = None
+        if isinstance(state, dict) and state.get("global_step") == step:
+            return str(folder)
+        logger.warning("resume: %s is incomplete (the process was killed while saving it?); skipping it", folder)
+    return None
 
 
 def settle_interrupted(rl: RLTrainer, checkpoint: str | None) -> None:

@@ -15,6 +15,9 @@ How a request is served:
    KV cache rows duplicated. Finished rows are dropped from the KV cache; the batch ends when all are done.
 4. Results go back to each caller's event loop with ``call_soon_threadsafe``. An exception fails the futures of
    its batch only, as :class:`EngineError`; the worker goes on with the next batch.
+5. Should the worker thread itself die (an error outside a batch's decode, a ``BaseException``), the engine
+   stops: every queued request and every later ``generate`` fails at once with :class:`EngineError` naming
+   the reason (:attr:`TransformersEngine.failure`), instead of waiting forever for a thread that is gone.
 
 Logprobs: the logprob of a sampled token is ``log_softmax(logits / temperature)`` at that token, over the full
 vocabulary (before top-k / top-p filtering); with ``temperature == 0`` (greedy) it is the raw
@@ -159,6 +162,8 @@ class TransformersEngine:
         self._stats_lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._closed = False
+        #: why the worker thread died (``None`` while it runs); a dead engine refuses every request with it
+        self.failure: str | None = None
         self._state_lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name=f"rltrain-engine-{model_name}", daemon=True)
         self._worker.start()
@@ -207,7 +212,7 @@ class TransformersEngine:
         future: asyncio.Future[GenerationResult] = loop.create_future()
         with self._state_lock:
             if self._closed:
-                raise EngineError(f"engine {self.model_name!r} is closed")
+                raise EngineError(self._refusal())
             self._queue.put(_Pending(request, future, loop))
         with self._stats_lock:
             self._stats.requests += 1
@@ -223,6 +228,12 @@ class TransformersEngine:
             self._closed = True
             self._queue.put(_STOP)
         self._worker.join()
+
+    def _refusal(self) -> str:
+        """Why ``generate`` refuses: the engine was closed, or its worker died (and why)."""
+        if self.failure is not None:
+            return f"engine {self.model_name!r} stopped: its worker thread died ({self.failure})"
+        return f"engine {self.model_name!r} is closed"
 
     def _validate(self, request: GenerationRequest) -> None:
         prompt = request.prompt_ids
@@ -252,27 +263,60 @@ class TransformersEngine:
             )
 
     def _run(self) -> None:
-        """Worker loop: collect a batch, serve it, repeat until the stop marker (queued last by ``close``)."""
+        """Worker loop: collect a batch, serve it, repeat until the stop marker (queued last by ``close``).
+
+        Whatever escapes the loop is about to end this thread: :meth:`_die` first fails the requests it held
+        and the queued ones and closes the engine, so no caller waits for a result that will never come."""
         carry: Any = None
+        held: list[Any] = []
+        try:
+            while True:
+                first = carry if carry is not None else self._queue.get()
+                carry = None
+                if first is _STOP:
+                    return
+                held = [first]
+                carry = self._collect(held)
+                self._serve(held)
+                held = []
+        except BaseException as exc:  # noqa: BLE001 - logged and kept as the engine's failure; the thread ends
+            self._die(exc, [*held, carry])
+
+    def _collect(self, batch: list[_Pending]) -> Any:
+        """Append to ``batch`` what arrives within the batch window, up to ``max_batch_size`` rows; returns the
+        first item that did not fit (a request or the stop marker), or ``None``."""
+        rows = batch[0].request.n
+        deadline = time.monotonic() + self.batch_window_s
+        while rows < self.max_batch_size:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if item is _STOP or rows + item.request.n > self.max_batch_size:
+                return item
+            batch.append(item)
+            rows += item.request.n
+        return None
+
+    def _die(self, exc: BaseException, held: list[Any]) -> None:
+        """The worker is dying of ``exc``: close the engine with the reason, fail every request it held or that
+        is still queued."""
+        logger.critical("engine %r worker thread died; the engine is stopped", self.model_name, exc_info=exc)
+        with self._state_lock:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self._closed = True
+        pending = [item for item in held if isinstance(item, _Pending)]
         while True:
-            first = carry if carry is not None else self._queue.get()
-            carry = None
-            if first is _STOP:
-                return
-            batch = [first]
-            rows = first.request.n
-            deadline = time.monotonic() + self.batch_window_s
-            while rows < self.max_batch_size:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is _STOP or rows + item.request.n > self.max_batch_size:
-                    carry = item
-                    break
-                batch.append(item)
-                rows += item.request.n
-            self._serve(batch)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Pending):
+                pending.append(item)
+        for item in pending:
+            error = EngineError(self._refusal())
+            error.__cause__ = exc
+            _settle(item, error)
 
     def _serve(self, batch: list[_Pending]) -> None:
         """Decode one collected batch and settle its futures; never raises (the worker must survive)."""

@@ -1,7 +1,9 @@
 """Environments by name: ``get_env("room_selection", catalog="path.json")``.
 
 Environments are imported only when asked for, so ``import rltrain.envs`` stays cheap and an environment's
-dependencies are needed only by the runs that use it. Register your own with :func:`register_env`.
+dependencies are needed only by the runs that use it. Register your own with :func:`register_env`, or name it
+in a recipe as ``module:attribute`` (``env.name: my_package.envs:MyEnv``), which the command line, a separate
+process, can resolve without any registration code.
 """
 
 from __future__ import annotations
@@ -41,15 +43,17 @@ def known_envs() -> list[str]:
 
 
 def _factory(name: str) -> EnvFactory:
-    try:
-        entry = _REGISTRY[name]
-    except KeyError:
+    entry = _REGISTRY.get(name, name if ":" in name else None)
+    if entry is None:
         raise UnknownEnvironmentError(
-            f"unknown environment {name!r}; known environments: {known_envs()}"
-        ) from None
+            f"unknown environment {name!r}; known environments: {known_envs()} (or name one as module:attribute)"
+        )
     if isinstance(entry, str):
         module, _, attribute = entry.partition(":")
-        entry = getattr(importlib.import_module(module), attribute)
+        try:
+            entry = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as exc:
+            raise UnknownEnvironmentError(f"environment {name!r}: cannot import {entry!r}: {exc}") from None
     return entry
 
 

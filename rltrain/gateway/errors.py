@@ -42,6 +42,15 @@ class ContextLengthExceededError(InvalidRequestError):
         super().__init__(message, param=param, code="context_length_exceeded")
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """A request body larger than anything the engine's context could hold (413)."""
+
+    status = 413
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="request_too_large")
+
+
 class AuthenticationError(GatewayError):
     """The gateway has an API key and the request did not carry it (401)."""
 

@@ -83,9 +83,17 @@ def load_tasks(path: str | Path, answers: Collection[str] | None = None) -> list
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
     except OSError as exc:
         raise TaskSpecError(f"cannot read task file {path}: {exc.strerror or exc}") from exc
+    try:
+        # "\n" only: str.splitlines would also break inside JSON strings holding U+2028, U+0085 and the like
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        line_no = raw[: exc.start].count(b"\n") + 1
+        raise TaskSpecError(
+            f"{path}:{line_no}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})"
+        ) from None
     tasks: list[Task] = []
     first_line_of: dict[str, int] = {}
     for line_no, line in enumerate(lines, start=1):
@@ -96,6 +104,8 @@ def load_tasks(path: str | Path, answers: Collection[str] | None = None) -> list
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise TaskSpecError(f"{where}: not valid JSON (column {exc.colno}: {exc.msg})") from exc
+        except RecursionError:
+            raise TaskSpecError(f"{where}: JSON nested too deeply to read") from None
         if not isinstance(row, dict):
             raise TaskSpecError(f"{where}: expected a JSON object, got {type(row).__name__}")
         try:
