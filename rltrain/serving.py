@@ -1,7 +1,9 @@
 """The serving stack of a run: engine + gateway, started together from a recipe and stopped together.
 
-Used by evaluation, training, APO and ``rltrain serve``. The engine is built lazily (loading weights is the slow
-part), so a run whose agent never calls a model (the solver sanity check) starts nothing heavy.
+Used by evaluation, training, APO and ``rltrain serve``. The engine is the embedded transformers one or a vLLM
+server (``engine.kind``); either samples with the weights of the ``model`` given (the trainer's). It is built
+lazily (loading weights is the slow part), so a run whose agent never calls a model (the solver sanity check)
+starts nothing heavy.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from rltrain.recipes import Recipe
 from rltrain.store.base import Store
@@ -46,40 +48,66 @@ class ServingStack:
         self._service: Any = None
         self.url = ""
         self.api_key = gateway_api_key(recipe)
+        from rltrain.gateway.server import is_loopback
+
+        if self.api_key is None and not is_loopback(recipe.gateway.host):
+            # checked here, before minutes of model loading; GatewayServer refuses such a bind as well
+            raise GatewayConfigError(
+                f"gateway.host={recipe.gateway.host!r} is not a loopback address: anyone who can reach it could use "
+                "the model and write to the run's store. Set gateway.api_key_env to the name of an environment "
+                "variable holding an API key, or bind 127.0.0.1"
+            )
 
     @property
     def model_name(self) -> str:
         return self.engine.model_name if self.engine is not None else self.recipe.model.name
 
     def start(self) -> ServingStack:
-        from rltrain.engines.transformers import TransformersEngine
         from rltrain.gateway.app import create_app
         from rltrain.gateway.server import GatewayServer
 
         recipe = self.recipe
-        if recipe.engine.kind != "transformers":
-            raise GatewayConfigError(
-                f"engine.kind={recipe.engine.kind!r} is served by `scripts/serve.sh` / the vLLM engine; "
-                "the embedded stack runs `transformers`"
-            )
+        self.engine = self._start_vllm() if recipe.engine.kind == "vllm" else self._start_transformers()
+        try:
+            app = create_app(self.engine, self.store, api_key=self.api_key, max_n=recipe.gateway.max_n)
+            self._service = app.state.service
+            self._server = GatewayServer(app, host=recipe.gateway.host, port=recipe.gateway.port)
+            self.url = self._server.start()
+        except BaseException:
+            self.stop()  # a started vLLM process must not outlive a stack that failed to start
+            raise
+        logger.info("gateway for %s listening on %s", self.engine.model_name, self.url)
+        return self
+
+    def _start_transformers(self) -> Any:
+        from rltrain.engines.transformers import TransformersEngine
+
+        recipe = self.recipe
         common = {
             "max_batch_size": recipe.engine.max_batch_size,
             "batch_window_ms": recipe.engine.batch_window_ms,
             "num_threads": recipe.model.num_threads,
         }
         if self._model is not None:
-            self.engine = TransformersEngine(self._model, self._tokenizer, model_name=recipe.model.name, **common)
-        else:
-            logger.info("loading %s", recipe.model.name)
-            self.engine = TransformersEngine.from_pretrained(
-                recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device, **common
-            )
-        app = create_app(self.engine, self.store, api_key=self.api_key, max_n=recipe.gateway.max_n)
-        self._service = app.state.service
-        self._server = GatewayServer(app, host=recipe.gateway.host, port=recipe.gateway.port)
-        self.url = self._server.start()
-        logger.info("gateway for %s listening on %s", self.engine.model_name, self.url)
-        return self
+            return TransformersEngine(self._model, self._tokenizer, model_name=recipe.model.name, **common)
+        logger.info("loading %s", recipe.model.name)
+        return TransformersEngine.from_pretrained(
+            recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device, **common
+        )
+
+    def _start_vllm(self) -> Any:
+        """A vLLM server (started, or ``engine.vllm.url``) that samples with ``model``'s weights when given."""
+        from rltrain.algorithms.weight_sync import publish_served_weights
+        from rltrain.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine.from_recipe(self.recipe, tokenizer=self._tokenizer)
+        if self._model is not None:
+            try:
+                publish_served_weights(self.recipe, engine, self._model)
+            except BaseException:
+                engine.close()
+                raise
+        return engine
 
     def release(self, rollout: Rollout) -> None:
         """Drop the gateway's per-rollout session state once a rollout finished (bounded memory)."""
@@ -93,7 +121,7 @@ class ServingStack:
         if self.engine is not None:
             self.engine.close()
 
-    def __enter__(self) -> ServingStack:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -1,0 +1,367 @@
+"""The vLLM engine on CPU: the launch command built from a recipe, the requests it sends to a vLLM-compatible
+server (``tests/fake_vllm.py``: vLLM's API shape and checks, a real tiny model, real PEFT adapters), its handling
+of answers and errors, adapter routing, and the supervision of a server process it starts (the fake run as the
+`vllm` program).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+from fake_vllm import FakeVLLM
+
+from rltrain.engines.base import ContextLengthError, EngineError, GenerationRequest, GenerationResult
+from rltrain.engines.vllm import VLLMEngine, VLLMProtocolError, VLLMRequestError
+from rltrain.engines.vllm_server import (
+    VLLMServer,
+    VLLMStartupError,
+    build_vllm_command,
+    free_port,
+    vllm_environment,
+)
+from rltrain.gateway.app import create_app
+from rltrain.gateway.server import GatewayServer
+from rltrain.recipes import Recipe, load_recipe, parse_recipe
+from rltrain.store.memory import MemoryStore
+from rltrain.types import LLMCallRecord, Rollout, SpanKind, Task
+
+FAKE = Path(__file__).with_name("fake_vllm.py")
+QWEN_RECIPE = Path(__file__).parents[1] / "recipes" / "room_selection_grpo_qwen.yaml"
+PROMPT = [1, 504, 2282, 28, 940, 198]
+
+
+def vllm_recipe(tmp_path: Path, model_dir: Path, **vllm: Any) -> Recipe:
+    return parse_recipe({
+        "name": "vllm-test", "output_dir": str(tmp_path), "model": {"name": str(model_dir)},
+        "engine": {"kind": "vllm", "vllm": {"startup_timeout_s": 60, "request_timeout_s": 60, **vllm}},
+    })
+
+
+def generate(engine: VLLMEngine, **fields: Any) -> GenerationResult:
+    return asyncio.run(engine.generate(GenerationRequest(**{"prompt_ids": PROMPT, "max_tokens": 5, **fields})))
+
+
+# -- the launch command ---------------------------------------------------------------------------------------
+def test_launch_command_is_built_from_the_recipe() -> None:
+    recipe = load_recipe(QWEN_RECIPE)
+    command = build_vllm_command(recipe, "/models/qwen", 8123)
+    assert command == [
+        "vllm", "serve", "/models/qwen", "--served-model-name", "Qwen/Qwen2.5-0.5B-Instruct",
+        "--host", "127.0.0.1", "--port", "8123", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.3",
+        "--tensor-parallel-size", "1", "--seed", "0", "--generation-config", "vllm",
+        "--logprobs-mode", "processed_logprobs", "--max-model-len", "8192",
+        "--enable-lora", "--max-lora-rank", "16",
+    ]
+    assert vllm_environment(recipe, {})["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+    merged = load_recipe(QWEN_RECIPE, [
+        "engine.vllm.weight_sync=merged", "engine.vllm.command=/opt/vllm/bin/vllm --verbose",
+        "engine.vllm.tensor_parallel_size=2", "engine.vllm.dtype=float16", "engine.vllm.max_model_len=null",
+        "engine.vllm.extra_args=[--enforce-eager]",
+    ])
+    command = build_vllm_command(merged, "/m", 9000)
+    assert command[:4] == ["/opt/vllm/bin/vllm", "--verbose", "serve", "/m"]
+    assert "--enable-lora" not in command and "--max-model-len" not in command
+    assert command[command.index("--weight-transfer-config") + 1] == '{"backend": "nccl"}'
+    assert command[command.index("--tensor-parallel-size") + 1] == "2"
+    assert command[command.index("--dtype") + 1] == "float16"
+    assert command[-1] == "--enforce-eager"
+    assert vllm_environment(merged, {}) == {"VLLM_SERVER_DEV_MODE": "1"}
+
+
+def test_module_prints_the_command_the_engine_runs(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "rltrain.engines.vllm_server", str(QWEN_RECIPE), "--print", "--port", "8200",
+         "--set", f"model.name={tiny_model_dir}"],
+        capture_output=True, text=True, check=True, env={**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": ""},
+    ).stdout
+    recipe = load_recipe(QWEN_RECIPE, [f"model.name={tiny_model_dir}"])
+    assert out.strip() == "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True " + shlex.join(
+        build_vllm_command(recipe, tiny_model_dir, 8200))
+
+
+# -- requests and answers, against an in-process vLLM-compatible server ------------------------------------------
+@pytest.fixture(scope="module")
+def fake(tiny_model_dir: Path) -> Iterator[tuple[FakeVLLM, str]]:
+    server = FakeVLLM(tiny_model_dir, str(tiny_model_dir), max_lora_rank=16)
+    with GatewayServer(server.app) as http:
+        yield server, http.base_url
+
+
+@pytest.fixture
+def engine(fake: tuple[FakeVLLM, str], tmp_path: Path, tiny_model_dir: Path) -> Iterator[VLLMEngine]:
+    server, url = fake
+    server.fail_next.clear()
+    engine = VLLMEngine.from_recipe(vllm_recipe(tmp_path, tiny_model_dir, url=url))
+    yield engine
+    for version in engine.loaded_versions:  # leave the shared server without this test's adapters
+        server.unload(f"policy-v{version}")
+    engine.close()
+
+
+def test_request_shape_and_result(engine: VLLMEngine, fake: tuple[FakeVLLM, str]) -> None:
+    server, _ = fake
+    assert engine.max_context == 2048 and engine.served_name == engine.model_name
+    result = generate(engine, temperature=0.7, top_p=1.0, n=3, seed=11, stop_token_ids=(2,), max_tokens=6)
+    body = server.requests[-1]
+    assert body["prompt"] == PROMPT and body["model"] == engine.served_name
+    assert body["logprobs"] == 0 and body["return_token_ids"] is True and body["return_tokens_as_token_ids"] is True
+    assert body["n"] == 3 and body["seed"] == 11 and body["stop_token_ids"] == [2] and body["max_tokens"] == 6
+    # every sampling parameter explicit: the model's generation_config must not change the distribution
+    assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (0, 0.0, 1.0)
+    assert (body["presence_penalty"], body["frequency_penalty"], body["temperature"]) == (0.0, 0.0, 0.7)
+    assert len(result.completions) == 3 and result.policy_version == 0
+    for completion in result.completions:
+        assert len(completion.completion_ids) == len(completion.logprobs) >= 1
+        assert all(lp <= 0 for lp in completion.logprobs)
+        if completion.finish_reason == "stop":  # the stop token is part of the completion, as sampled
+            assert completion.completion_ids[-1] in (2, engine.tokenizer.eos_token_id)
+        else:
+            assert len(completion.completion_ids) == 6
+    again = generate(engine, temperature=0.7, n=3, seed=11, stop_token_ids=(2,), max_tokens=6)
+    assert [c.completion_ids for c in again.completions] == [c.completion_ids for c in result.completions]
+
+
+def test_gateway_records_exactly_what_vllm_sampled(engine: VLLMEngine, fake: tuple[FakeVLLM, str]) -> None:
+    server, _ = fake
+    store = MemoryStore()
+    store.enqueue_rollouts([Rollout(rollout_id="ro-v", task=Task(id="t", payload={}))])
+    assert store.claim_rollout("worker") is not None
+    with GatewayServer(create_app(engine, store)) as gateway:
+        client = openai.OpenAI(base_url=f"{gateway.base_url}/rollouts/ro-v/v1", api_key="x", max_retries=0)
+        reply = client.chat.completions.create(
+            model=engine.model_name, messages=[{"role": "user", "content": "Pick a room."}], max_tokens=5,
+            temperature=1.0, seed=3,
+        )
+    [span] = store.get_spans("ro-v")
+    assert span.kind == SpanKind.LLM
+    record = LLMCallRecord.model_validate(span.attributes)
+    body = server.requests[-1]
+    sampled = server.sample(body)[0]  # the same seed samples the same tokens again
+    assert record.prompt_ids == body["prompt"]
+    assert record.completion_ids == sampled["token_ids"] and record.logprobs == sampled["logprobs"]["token_logprobs"]
+    assert record.policy_version == 0 and reply.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(("status", "body", "error", "text"), [
+    (500, {"error": {"message": "CUDA error: device-side assert", "type": "InternalServerError", "code": 500}},
+     EngineError, "CUDA error"),
+    (400, {"object": "error", "message": "top_p must be in (0, 1]", "type": "BadRequestError", "code": 400},
+     VLLMRequestError, "top_p must be in"),
+    (400, {"error": {"message": "This model's maximum context length is 2048 tokens. However, you requested 3000",
+                     "type": "BadRequestError", "code": 400}}, ContextLengthError, "maximum context length"),
+])
+def test_error_answers_become_engine_errors(
+    engine: VLLMEngine, fake: tuple[FakeVLLM, str], status: int, body: dict[str, Any], error: type, text: str,
+) -> None:
+    fake[0].fail_next.append((status, body))
+    with pytest.raises(error, match=text) as raised:
+        generate(engine)
+    assert isinstance(raised.value, ValueError) == (status < 500)  # 4xx: the gateway answers 400, else 503
+
+
+def _choice(**fields: Any) -> dict[str, Any]:
+    choice = {"index": 0, "text": "", "finish_reason": "length", "token_ids": [5, 6],
+              "prompt_token_ids": PROMPT,
+              "logprobs": {"tokens": ["token_id:5", "token_id:6"], "token_logprobs": [-0.5, -1.0]}}
+    return {**choice, **fields}
+
+
+@pytest.mark.parametrize(("choice", "text"), [
+    (_choice(logprobs={"tokens": ["token_id:5", "token_id:6"], "token_logprobs": [-0.5]}), "2 token ids but 1"),
+    (_choice(logprobs={"tokens": ["token_id:5", "token_id:7"], "token_logprobs": [-0.5, -1.0]}), "disagree"),
+    (_choice(prompt_token_ids=PROMPT[1:]), "not the 6 token ids sent"),
+    (_choice(logprobs=None), "no logprobs"),
+    (_choice(token_ids=None, logprobs={"tokens": ["a", "b"], "token_logprobs": [-0.5, -1.0]}), "neither token_ids"),
+    (_choice(logprobs={"tokens": ["token_id:5", "token_id:6"], "token_logprobs": [-0.5, None]}), "NaN"),
+])
+def test_malformed_answers_are_refused(
+    engine: VLLMEngine, fake: tuple[FakeVLLM, str], choice: dict[str, Any], text: str
+) -> None:
+    fake[0].fail_next.append((200, {"choices": [choice]}))
+    with pytest.raises(VLLMProtocolError, match=text):
+        generate(engine)
+
+
+def test_aborted_completion_is_an_engine_failure(engine: VLLMEngine, fake: tuple[FakeVLLM, str]) -> None:
+    fake[0].fail_next.append((200, {"choices": [_choice(finish_reason="abort")]}))
+    with pytest.raises(EngineError, match="finish_reason='abort'") as raised:
+        generate(engine)
+    assert not isinstance(raised.value, ValueError)
+
+
+def test_ids_come_from_logprob_tokens_on_servers_without_return_token_ids(
+    engine: VLLMEngine, fake: tuple[FakeVLLM, str]
+) -> None:
+    fake[0].fail_next.append((200, {"choices": [_choice(token_ids=None)]}))
+    [completion] = generate(engine).completions
+    assert completion.completion_ids == [5, 6] and completion.logprobs == [-0.5, -1.0]
+
+
+def test_context_overflow_is_caught_before_sending(engine: VLLMEngine, fake: tuple[FakeVLLM, str]) -> None:
+    sent = len(fake[0].requests)
+    with pytest.raises(ContextLengthError, match="exceeds the context of 2048"):
+        generate(engine, max_tokens=2048)
+    assert len(fake[0].requests) == sent
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj")
+                 ) -> Path:
+    """A LoRA adapter with random (non-zero) B matrices, so that it changes the model's outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 2.0)
+    model.save_pretrained(out)
+    return out
+
+
+def test_adapter_versions_are_hot_loaded_and_routed(
+    engine: VLLMEngine, fake: tuple[FakeVLLM, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    server, _ = fake
+    base = generate(engine, temperature=0.0, max_tokens=8).completions[0].completion_ids
+    engine.load_adapter(1, make_adapter(tiny_model_dir, tmp_path / "a1", seed=1))
+    engine.set_policy_version(1)
+    first = generate(engine, temperature=0.0, max_tokens=8)
+    assert server.requests[-1]["model"] == "policy-v1" and first.policy_version == 1
+    engine.load_adapter(2, make_adapter(tiny_model_dir, tmp_path / "a2", seed=2))
+    assert generate(engine, temperature=0.0, max_tokens=8).policy_version == 1  # loading does not switch
+    engine.set_policy_version(2)
+    second = generate(engine, temperature=0.0, max_tokens=8)
+    assert server.requests[-1]["model"] == "policy-v2" and second.policy_version == 2
+    assert len({tuple(base), tuple(first.completions[0].completion_ids), tuple(second.completions[0].completion_ids)}
+               ) == 3, "each adapter version must change what is sampled"
+    # an explicit older version is served while it is loaded, refused once unloaded
+    assert generate(engine, temperature=0.0, max_tokens=8, adapter="policy-v1").completions[0].completion_ids == \
+        first.completions[0].completion_ids
+    engine.unload_adapter(1)
+    assert server.lora_calls[-3:] == [("load", "policy-v1"), ("load", "policy-v2"), ("unload", "policy-v1")]
+    sent = len(server.requests)
+    with pytest.raises(VLLMRequestError, match="policy-v1 is not loaded"):
+        generate(engine, adapter="policy-v1")
+    with pytest.raises(VLLMRequestError, match="policy-v5 is not loaded"):
+        engine.set_policy_version(5)
+    with pytest.raises(VLLMRequestError, match="is the version being served"):
+        engine.unload_adapter(2)
+    assert len(server.requests) == sent
+    with pytest.raises(VLLMRequestError, match="greater than max_lora_rank 16"):
+        engine.load_adapter(3, make_adapter(tiny_model_dir, tmp_path / "a3", seed=3, r=32))
+    assert engine.loaded_versions == [2]
+
+
+def test_server_without_runtime_lora_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = FakeVLLM(tiny_model_dir, str(tiny_model_dir), enable_lora=False)
+    with GatewayServer(server.app) as http:
+        engine = VLLMEngine.from_recipe(vllm_recipe(tmp_path, tiny_model_dir, url=http.base_url))
+        try:
+            with pytest.raises(VLLMRequestError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+                engine.load_adapter(1, tmp_path)
+        finally:
+            engine.close()
+
+
+def test_unreachable_external_server_fails_clearly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    recipe = vllm_recipe(tmp_path, tiny_model_dir, url=f"http://127.0.0.1:{free_port()}", startup_timeout_s=1)
+    with pytest.raises(EngineError, match="did not answer /health within 1 s"):
+        VLLMEngine.from_recipe(recipe)
+
+
+# -- a server process that rltrain starts ---------------------------------------------------------------------
+def fake_command() -> str:
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE))}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_started_server_is_supervised_and_stopped(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv_file = tmp_path / "argv.json"
+    monkeypatch.setenv("FAKE_VLLM_ARGV_FILE", str(argv_file))
+    monkeypatch.setenv("FAKE_VLLM_EXIT_AFTER", "1")
+    recipe = vllm_recipe(tmp_path, tiny_model_dir, command=fake_command(), max_restarts=1)
+    engine = VLLMEngine.from_recipe(recipe)
+    server = engine.server
+    assert server is not None and server.alive
+    launched = json.loads(argv_file.read_text())
+    assert launched["argv"] == build_vllm_command(recipe, tiny_model_dir, int(server.base_url.rsplit(":", 1)[1]))[2:]
+    assert launched["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    try:
+        engine.load_adapter(1, make_adapter(tiny_model_dir, tmp_path / "a1", seed=1))
+        engine.set_policy_version(1)
+        first = generate(engine, temperature=0.0)
+        # the server dies on the next request: it is restarted, the adapter loaded again, the request retried
+        first_pid = server.pid
+        again = generate(engine, temperature=0.0)
+        assert server.restarts == 1 and server.pid != first_pid and not pid_alive(first_pid)
+        assert again.completions[0].completion_ids == first.completions[0].completion_ids
+        assert again.policy_version == 1
+        # and dies again: no restarts left, so the error says why and where to look
+        with pytest.raises(EngineError, match=r"(?s)exit status 1.*vllm\.log"):
+            generate(engine, temperature=0.0)
+    finally:
+        engine.close()
+    assert not server.alive and not pid_alive(server.pid)
+    assert "rltrain starts" in (tmp_path / "vllm-test" / "vllm.log").read_text()
+
+
+def test_server_that_dies_while_starting_is_reported(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "exit")
+    with pytest.raises(VLLMStartupError, match=r"(?s)exited while starting.*exit status 3.*CUDA out of memory"):
+        VLLMEngine.from_recipe(vllm_recipe(tmp_path, tiny_model_dir, command=fake_command()))
+
+
+def test_server_that_never_gets_healthy_is_stopped(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "hang")
+    recipe = vllm_recipe(tmp_path, tiny_model_dir, command=fake_command())
+    port = free_port()
+    server = VLLMServer(build_vllm_command(recipe, tiny_model_dir, port), vllm_environment(recipe),
+                        base_url=f"http://127.0.0.1:{port}", log_path=tmp_path / "vllm.log", startup_timeout_s=2,
+                        max_restarts=0)
+    with pytest.raises(VLLMStartupError, match="did not answer /health within engine.vllm.startup_timeout_s=2 s"):
+        server.start()
+    assert not server.alive and server.pid is not None and not pid_alive(server.pid)
+
+
+def test_missing_vllm_program_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
+    recipe = vllm_recipe(tmp_path, tiny_model_dir, command="/nonexistent/vllm")
+    with pytest.raises(VLLMStartupError, match="engine.vllm.command: '/nonexistent/vllm' was not found"):
+        VLLMEngine.from_recipe(recipe)
+
+
+def test_every_training_process_starting_its_own_server_is_refused(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rltrain.engines.vllm import VLLMConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(VLLMConfigError, match="one of 4 training processes"):
+        VLLMEngine.from_recipe(vllm_recipe(tmp_path, tiny_model_dir, command=fake_command()))
