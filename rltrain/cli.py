@@ -53,12 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(handler=_cmd_eval)
 
-    p = sub.add_parser("train", help="train the agent's model with the recipe's algorithm (GRPO)",
+    p = sub.add_parser("train", help="run the recipe's algorithm: grpo, ppo, sft (warm start) or apo (prompt)",
                        description="Validate (greedy) before training, every algorithm.eval_steps and after; "
                        "checkpoint every algorithm.save_steps into the run directory.")
     _add_recipe_args(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("escalate", help="climb baseline -> APO -> warm start -> GRPO/PPO until the target is met",
+                       description="Evaluate the agent, optimise its prompt (the recipe's `apo:` section), then "
+                       "warm-start (`warm_start:`) and train its weights (`algorithm:`) from the best prompt, "
+                       "stopping at the first rung whose data.val accuracy reaches `escalate.target`. Writes "
+                       "ladder.json, report.md and report.png into the run directory; running it again "
+                       "continues an interrupted climb.")
+    _add_recipe_args(p)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(handler=_cmd_escalate)
 
     p = sub.add_parser("resume", help="continue an interrupted training run from its newest checkpoint",
                        description="Reads RUN_DIR/recipe.yaml; rollouts and metric lines of the interrupted "
@@ -84,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output .jsonl file")
     q.set_defaults(handler=_cmd_data_room_selection)
 
-    p = sub.add_parser("serve", help="serve the gateway + embedded engine for any OpenAI client",
+    p = sub.add_parser("serve", help="serve the gateway + the recipe's engine (embedded or vLLM) for any OpenAI client",
                        description="Start rltrain's OpenAI-compatible gateway on the recipe's model. Clients use "
                        "base_url http://HOST:PORT/v1 (or /rollouts/<id>/v1 to be recorded).")
     _add_recipe_args(p, required=False)
@@ -186,6 +196,20 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return _train(recipe, resume=True, progress=not args.no_progress)
 
 
+def _cmd_escalate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from rltrain.escalation import escalate
+
+    recipe = _load(args, args.recipe)
+    escalate(recipe, progress=not args.no_progress)
+    Console().print(Markdown((recipe.run_dir / "report.md").read_text()))
+    logging.getLogger("rltrain").info("run directory: %s (report: %s)", recipe.run_dir,
+                                      recipe.run_dir / "report.md")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from rltrain.export import export_merged
 
@@ -236,27 +260,33 @@ def _cmd_model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "your input is wrong": reported as one line, exit status 2."""
-    from pydantic import ValidationError
+# Exceptions that mean "your input (or setup) is wrong": reported as one line, exit status 2. Named, not imported,
+# so that a bad recipe is reported without first importing torch and TRL. TrainingAbortedError is not bad input,
+# but its message says what happened and where to look.
+USER_ERRORS = frozenset({
+    "pydantic_core._pydantic_core.ValidationError",
+    "builtins.FileNotFoundError",
+    "rltrain.recipes.RecipeError",
+    "rltrain.runner.TrainingAbortedError",
+    "rltrain.envs.EnvironmentOptionsError",
+    "rltrain.envs.UnknownEnvironmentError",
+    "rltrain.envs.room_selection.tasks.TaskSpecError",
+    "rltrain.models.ModelNotFoundError",
+    "rltrain.serving.GatewayConfigError",
+    "rltrain.algorithms.apo.APOError",
+    "rltrain.escalation.EscalationError",
+    "rltrain.llm_client.LLMEndpointError",
+    "rltrain.algorithms.sft.WarmStartError",
+    "rltrain.algorithms.critic.CriticCheckpointError",
+    "rltrain.algorithms.vllm_checks.WeightSyncError",
+    "rltrain.engines.vllm.VLLMConfigError",
+    "rltrain.engines.vllm_server.VLLMStartupError",
+})
 
-    from rltrain.recipes import RecipeError
 
-    from rltrain.runner import TrainingAbortedError
-
-    # TrainingAbortedError is not bad input, but its message says what happened and where to look.
-    errors: list[type[BaseException]] = [RecipeError, ValidationError, FileNotFoundError, TrainingAbortedError]
-    try:
-        from rltrain.envs import EnvironmentOptionsError, UnknownEnvironmentError
-        from rltrain.envs.room_selection.tasks import TaskSpecError
-        from rltrain.models import ModelNotFoundError
-        from rltrain.serving import GatewayConfigError
-
-        errors += [EnvironmentOptionsError, UnknownEnvironmentError, TaskSpecError, ModelNotFoundError,
-                   GatewayConfigError]
-    except ImportError:  # pragma: no cover - a broken install reports the import error itself
-        pass
-    return tuple(errors)
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is (a subclass of) one of :data:`USER_ERRORS`."""
+    return any(f"{cls.__module__}.{cls.__qualname__}" in USER_ERRORS for cls in type(exc).__mro__)
 
 
 _HTTP_CLIENT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "urllib3", "uvicorn")
@@ -279,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                         handlers=[handler])
     try:
         return int(args.handler(args) or 0)
-    except _user_errors() as exc:
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
         logging.getLogger("rltrain").error("%s", exc)
         return 2
 

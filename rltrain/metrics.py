@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,10 @@ def summarise(
 
 
 class MetricsWriter:
-    """Appends metric records to ``metrics.jsonl`` (durably) and forwards them to ``report_to`` backends."""
+    """Appends metric records to ``metrics.jsonl`` (durably) and forwards them to ``report_to`` backends.
+
+    Each line carries its wall-clock ``time``, so that reports can say how long each stage of a run took.
+    """
 
     def __init__(self, path: Path, report_to: list[str] | None = None, run_name: str = "run") -> None:
         self.path = path
@@ -86,7 +90,7 @@ class MetricsWriter:
         self._backends = [_make_backend(name, path.parent, run_name) for name in (report_to or [])]
 
     def write(self, record: dict[str, Any], step: int | None = None) -> None:
-        line = json.dumps({"step": step, **record}, default=float)
+        line = json.dumps({"step": step, "time": round(time.time(), 3), **record}, default=float)
         with self.path.open("a") as fh:
             fh.write(line + "\n")
             fh.flush()

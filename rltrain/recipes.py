@@ -22,6 +22,11 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the field and the value."""
 
 
+#: what ``yaml.safe_load`` raises on bad text: its own errors, ValueError for values its constructors reject
+#: (``2001-02-30``, ``!!int five``) and RecursionError for nesting deeper than the parser recurses
+_YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -43,6 +48,55 @@ class ModelConfig(_Section):
     )
 
 
+class VLLMConfig(_Section):
+    """The vLLM engine: a `vllm serve` process that rltrain starts, supervises and stops (or one already running,
+    with `url`). The gateway sends it token ids and gets token ids and logprobs back."""
+
+    url: str | None = Field(
+        default=None,
+        description="Base URL of an already running vLLM server (`http://host:port`); rltrain then starts and "
+        "stops none. It must serve `model.name`, with `--enable-lora` for adapter sync, and read the adapter "
+        "files rltrain writes under the run directory (same filesystem).",
+    )
+    command: str = Field(
+        default="vllm",
+        description="The program that runs vLLM's CLI, split like a shell would (a path when vLLM lives in an "
+        "environment of its own, as in Dockerfile.gpu).",
+    )
+    port: int = Field(default=0, ge=0, le=65535, description="Port of the started server on 127.0.0.1; 0 = a free one.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(
+        default=None, description="`--dtype` of the served weights; None = `model.dtype`."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0,
+        description="Fraction of GPU memory vLLM takes (weights + KV cache). Sharing one GPU with the trainer "
+        "needs a low value (0.2-0.4); a GPU of its own 0.9.",
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one vLLM replica spans.")
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="Longest prompt + completion; None = the model's context (more KV memory)."
+    )
+    weight_sync: Literal["adapter", "merged"] = Field(
+        default="adapter",
+        description="How trained weights reach vLLM after each optimiser step: `adapter` saves the LoRA adapter "
+        "and hot-loads it as `policy-v{step}` (vLLM `--enable-lora`); `merged` pushes the merged weights over "
+        "NCCL through TRL's vLLM server mode (needs `vllm` importable by the trainer; for ZeRO-3 / FSDP).",
+    )
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        default=16, description="`--max-lora-rank`: the largest adapter rank vLLM can load (one of vLLM's sizes)."
+    )
+    startup_timeout_s: float = Field(
+        default=600.0, gt=0, description="How long to wait for the server to answer /health after it starts."
+    )
+    request_timeout_s: float = Field(default=600.0, gt=0, description="How long one completion request may take.")
+    max_restarts: int = Field(
+        default=1, ge=0, description="Restarts of a started server that died (its adapter is loaded again)."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="More `vllm serve` arguments, passed as given (e.g. `--enforce-eager`)."
+    )
+
+
 class EngineConfig(_Section):
     """What generates tokens."""
 
@@ -53,6 +107,7 @@ class EngineConfig(_Section):
     batch_window_ms: float = Field(
         default=15.0, ge=0.0, description="Dynamic batching: how long to wait for more requests."
     )
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Used when `kind` is `vllm`.")
 
 
 class GatewayConfig(_Section):
@@ -71,7 +126,10 @@ class GatewayConfig(_Section):
 class EnvConfig(_Section):
     """The task environment: its agent, tasks and grader."""
 
-    name: str = Field(default="room_selection", description="Registered environment name.")
+    name: str = Field(
+        default="room_selection",
+        description="Registered environment name, or `module:attribute` of an importable environment class.",
+    )
     mode: str = Field(default="inline", description="Agent mode; room_selection: `inline` or `tool`.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Environment options, e.g. `catalog: path/to/catalog.json`."
@@ -134,13 +192,16 @@ class LoraConfig(_Section):
         )
 
 
-class GRPOSection(_Section):
-    """GRPO through TRL's GRPOTrainer; field names and meanings follow `trl.GRPOConfig`."""
+class RLSection(_Section):
+    """What GRPO and PPO share: both run TRL's GRPOTrainer on the agents' rollouts with the same clipped policy
+    loss and differ only in their advantages; field names and meanings follow `trl.GRPOConfig`."""
 
-    name: Literal["grpo"] = "grpo"
+    name: str = Field(description="The algorithm: `grpo` or `ppo`.")
     max_steps: int = Field(default=20, ge=1, description="Optimiser steps.")
     tasks_per_step: int = Field(default=2, ge=1, description="Distinct tasks per step (TRL: prompts per batch).")
-    num_generations: int = Field(default=4, ge=2, description="Rollouts per task: the group of GRPO.")
+    num_generations: int = Field(
+        default=4, ge=2, description="Rollouts per task: the group of GRPO (TRL samples at least 2)."
+    )
     learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate for the LoRA weights.")
     lr_scheduler_type: str = Field(default="constant", description="transformers scheduler name.")
     warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
@@ -151,9 +212,6 @@ class GRPOSection(_Section):
     beta: float = Field(default=0.0, ge=0.0, description="KL coefficient (0 = no reference model, less memory).")
     epsilon: float = Field(default=0.2, gt=0, description="Lower clip range of the ratio.")
     epsilon_high: float | None = Field(default=None, gt=0, description="Upper clip range (None = epsilon).")
-    scale_rewards: Literal["group", "batch", "none"] = Field(
-        default="group", description="Advantage scaling: by group std, batch std, or centring only."
-    )
     num_iterations: int = Field(default=1, ge=1, description="Optimisation passes per generated batch (mu).")
     mask_truncated_completions: bool = Field(
         default=False, description="Exclude rows that hit max_completion_length from the loss."
@@ -175,7 +233,71 @@ class GRPOSection(_Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Extra metric sinks besides metrics.jsonl."
     )
+    vllm_importance_sampling_correction: bool = Field(
+        default=True,
+        description="engine.kind=vllm: weight each token's loss by the ratio of the trainer's probability to "
+        "vLLM's (they differ by kernels and dtype); logged as `sampling/importance_sampling_ratio/*`.",
+    )
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        Field(
+            default="token_truncate",
+            description="TRL's correction: per-token ratios clipped to [clip_min, clip_max] (`token_truncate`) or "
+            "zeroed outside it (`token_mask`); `sequence_*` use one ratio per sequence.",
+        )
+    )
+    vllm_importance_sampling_clip_max: float | None = Field(
+        default=3.0, gt=0, description="Upper bound of the importance ratio (TRL's C_max)."
+    )
+    vllm_importance_sampling_clip_min: float | None = Field(
+        default=None, ge=0, description="Lower bound of the importance ratio (TRL's C_min; None = none)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class GRPOSection(RLSection):
+    """GRPO through TRL's GRPOTrainer: advantages from the rewards of each task's group of rollouts."""
+
+    name: Literal["grpo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        default="group", description="Advantage scaling: by group std, batch std, or centring only."
+    )
+
+
+class CriticConfig(_Section):
+    """PPO's value function."""
+
+    model: str | None = Field(
+        default=None,
+        description="None = a value head on the policy's own LoRA-adapted backbone (shared trunk, one forward "
+        "pass); a model alias/directory/cached id = a separate critic (its own LoRA adapter, shaped like "
+        "`lora`, and head; more memory). A separate critic must use the policy's tokenizer.",
+    )
+    learning_rate: float | None = Field(
+        default=None, gt=0, description="AdamW learning rate of the critic's weights (None = algorithm.learning_rate)."
+    )
+
+
+class PPOSection(RLSection):
+    """PPO on TRL's GRPOTrainer: the same rollouts, rows and clipped policy loss as GRPO, with per-token
+    advantages from a learned value function (GAE over the policy tokens) instead of group statistics."""
+
+    name: Literal["ppo"] = "ppo"
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0, description="Discount per policy token.")
+    lam: float = Field(default=0.95, ge=0.0, le=1.0, description="GAE lambda (0 = one-step TD, 1 = Monte Carlo).")
+    whiten_advantages: bool = Field(
+        default=True, description="Normalise the advantages over each batch's policy tokens (zero mean, unit std)."
+    )
+    vf_coef: float = Field(default=0.1, ge=0.0, description="Weight of the value loss added to the policy loss.")
+    cliprange_value: float = Field(
+        default=0.2, gt=0, description="How far a value may move from its sampling-time estimate within a step."
+    )
+    reward_placement: Literal["final", "per_turn"] = Field(
+        default="final",
+        description="`final`: the rollout's reward on the row's last policy token; `per_turn`: each reward the "
+        "agent emitted (`emit_reward`) on the last policy token before it, the rollout's reward on the last one "
+        "unless an emitted reward already followed the last turn.",
+    )
+    critic: CriticConfig = Field(default_factory=CriticConfig)
 
 
 class WarmStartConfig(_Section):
@@ -223,6 +345,82 @@ class SFTSection(WarmStartConfig):
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
+class LLMEndpointConfig(_Section):
+    """An OpenAI-compatible chat endpoint that APO's critic or editor runs on.
+
+    ``base_url: null`` means rltrain's own gateway on the run's local model (offline, weak but real); any other
+    URL (``https://api.openai.com/v1``, a ``vllm serve`` address) is called with the stock ``openai`` client.
+    """
+
+    model: str | None = Field(
+        default=None, description="Model name at the endpoint (None = the run's own model, on the local gateway)."
+    )
+    base_url: str | None = Field(
+        default=None, description="Endpoint URL ending in /v1; None = rltrain's gateway on the local model."
+    )
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the endpoint's API key (e.g. OPENAI_API_KEY)."
+    )
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0, description="Sampling temperature.")
+    max_tokens: int = Field(default=400, ge=1, description="Longest reply.")
+    timeout_s: float = Field(default=300.0, gt=0, description="Per-call timeout.")
+
+
+class ModelPrice(_Section):
+    """What one model's tokens cost, for the cost columns of APO and escalation reports."""
+
+    input_per_mtok: float = Field(default=0.0, ge=0.0, description="Price of one million prompt tokens.")
+    output_per_mtok: float = Field(default=0.0, ge=0.0, description="Price of one million completion tokens.")
+
+
+class APOConfig(_Section):
+    """Automatic prompt optimisation (ProTeGi): textual gradients from a critic LLM, edits from an editor LLM,
+    beam search over prompt templates scored by the agent's reward. Names follow the seed's APO."""
+
+    prompt: str = Field(
+        default="user", description="Name of the agent's prompt template to optimise (see the env's prompts)."
+    )
+    val_tasks: str | None = Field(
+        default=None,
+        description="Task spec candidates are scored on (None = data.val). Use a set disjoint from the "
+        "evaluation sets when later rungs are compared on them.",
+    )
+    val_batch_size: int = Field(default=10, ge=1, description="Validation tasks each candidate is scored on.")
+    gradient_batch_size: int = Field(
+        default=4, ge=1, description="Training-task transcripts the critic reads per textual gradient."
+    )
+    beam_width: int = Field(default=2, ge=1, description="Prompts kept after each round.")
+    branch_factor: int = Field(default=2, ge=1, description="New candidates the editor writes per beam prompt.")
+    beam_rounds: int = Field(default=2, ge=1, description="Rounds of critique, edit and selection.")
+    max_edit_attempts: int = Field(
+        default=3, ge=1,
+        description="Edits tried per wanted candidate; one that drops or invents a {placeholder} is rejected "
+        "(kept in the history) and asked for again.",
+    )
+    transcript_chars: int = Field(
+        default=1500, ge=200, description="Each transcript is cut to this many characters for the critic."
+    )
+    gradient_model: LLMEndpointConfig = Field(
+        default_factory=LLMEndpointConfig, description="The critic that writes textual gradients."
+    )
+    apply_edit_model: LLMEndpointConfig = Field(
+        default_factory=LLMEndpointConfig, description="The editor that rewrites the prompt from a critique."
+    )
+
+
+class APOSection(APOConfig):
+    """`algorithm: apo`: prompt optimisation as a run of its own (`rltrain train`)."""
+
+    name: Literal["apo"] = "apo"
+
+
+class EscalateConfig(_Section):
+    """`rltrain escalate`: climb baseline -> APO -> warm start -> RL, stopping at the first rung that reaches
+    ``target`` accuracy on ``data.val``."""
+
+    target: float = Field(default=1.0, ge=0.0, le=1.0, description="Accuracy on data.val that ends the climb.")
+
+
 def _algorithm_name(value: Any) -> str | None:
     """Which algorithm section a mapping is: its ``name``, ``grpo`` when omitted (as before SFT existed)."""
     if isinstance(value, dict):
@@ -231,7 +429,9 @@ def _algorithm_name(value: Any) -> str | None:
 
 
 AlgorithmSection = Annotated[
-    Annotated[GRPOSection, Tag("grpo")] | Annotated[SFTSection, Tag("sft")], Discriminator(_algorithm_name)
+    Annotated[GRPOSection, Tag("grpo")] | Annotated[SFTSection, Tag("sft")] | Annotated[APOSection, Tag("apo")]
+    | Annotated[PPOSection, Tag("ppo")],
+    Discriminator(_algorithm_name),
 ]
 
 
@@ -253,12 +453,22 @@ class Recipe(_Section):
         default_factory=dict, description="Prompt template overrides by name (placeholders are checked)."
     )
     algorithm: AlgorithmSection | None = Field(
-        default=None, description="What `rltrain train` runs (`grpo` or `sft`); None = evaluation only."
+        default=None, description="What `rltrain train` runs (`grpo`, `ppo`, `sft` or `apo`); None = evaluation only."
+    )
+    apo: APOConfig | None = Field(
+        default=None, description="Prompt optimisation, the first rung of `rltrain escalate`."
+    )
+    escalate: EscalateConfig | None = Field(
+        default=None, description="When `rltrain escalate` stops climbing."
+    )
+    pricing: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description="Token prices by model name, for cost columns (models not listed cost 0: local).",
     )
     warm_start: WarmStartConfig | None = Field(
         default=None,
-        description="Supervised warm start of the adapter before GRPO (the GRPO section's `lora` is the adapter "
-        "it trains, and GRPO continues it).",
+        description="Supervised warm start of the adapter before GRPO or PPO (the algorithm section's `lora` is "
+        "the adapter it trains, and RL continues it).",
     )
 
     @model_validator(mode="after")
@@ -274,6 +484,17 @@ class Recipe(_Section):
                 "warm_start is the stage before RL, but algorithm.name is 'sft', which already is that stage; "
                 "put its settings in the algorithm section and remove warm_start"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_vllm(self) -> Recipe:
+        """What vLLM cannot serve or train on fails here, before any model is loaded."""
+        if self.engine.kind == "vllm":
+            from rltrain.algorithms.vllm_checks import vllm_recipe_problems
+
+            problems = vllm_recipe_problems(self)
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
 
     @property
@@ -350,7 +571,10 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise RecipeError(f"override {override!r}: {key} is not a section")
         target = node
-    target[keys[-1]] = yaml.safe_load(raw)
+    try:
+        target[keys[-1]] = yaml.safe_load(raw)
+    except _YAML_ERRORS as exc:
+        raise RecipeError(f"override {override!r}: the value is not valid YAML: {exc}") from None
 
 
 def parse_recipe(data: Any, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
@@ -376,7 +600,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"recipe file not found: {path}") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except _YAML_ERRORS as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     return parse_recipe(data, str(path), overrides)
 

@@ -18,9 +18,9 @@ from rltrain.envs import Environment, get_env
 from rltrain.metrics import EvalSummary, MetricsWriter, summarise
 from rltrain.recipes import Recipe, dump_recipe
 from rltrain.runner import Runner
-from rltrain.serving import ServingStack
+from rltrain.serving import ServingStack, gateway_api_key
 from rltrain.store import Store, open_store
-from rltrain.types import LLMResource, PromptTemplate, Resources, SamplingParams, Task
+from rltrain.types import LLMResource, PromptTemplate, Resources, Rollout, SamplingParams, Span, Task
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class Trainer:
         """Resources lent to the agent; the base URL is filled in per rollout by the runner."""
         return Resources(
             version=version,
-            llm=LLMResource(base_url="", model=model_name, sampling=sampling),
+            # the gateway's key (gateway.api_key_env), or the placeholder every OpenAI client needs
+            llm=LLMResource(base_url="", model=model_name, sampling=sampling,
+                            api_key=gateway_api_key(self.recipe) or "rltrain"),
             prompts=prompts if prompts is not None else self.prompts(),
         )
 
@@ -86,7 +88,8 @@ class Trainer:
         prompts: dict[str, PromptTemplate] | None = None,
         step: int | None = None,
     ) -> list[EvalSummary]:
-        """Run ``agent`` (the recipe's by default) greedily over each task set and summarise.
+        """Run ``agent`` (the recipe's by default) greedily over each task set, summarise, and record the
+        summaries in ``metrics.jsonl`` and ``eval/<label>.json``.
 
         ``stack`` reuses a running engine + gateway (training does); without one, a stack is started for the
         duration unless the agent declares ``needs_llm=False`` (a solver), which needs no model.
@@ -95,19 +98,9 @@ class Trainer:
         if stack is None and agent.needs_llm:
             with ServingStack(self.recipe, self.store) as own:
                 return self.evaluate(task_sets, agent, own, label, prompts, step)
-        model_name = stack.model_name if stack is not None else self.recipe.model.name
-        url = stack.url if stack is not None else "http://unused"
-        resources = self.resources(model_name, self.recipe.sampling.eval, prompts=prompts)
-        runner = Runner(self.store, agent, url, self.recipe.runner, progress=self.progress,
-                        on_finished=stack.release if stack is not None else None)
         summaries = []
         for name, tasks in task_sets.items():
-            start = time.perf_counter()
-            result = asyncio.run(runner.run(tasks, resources, mode="eval", desc=f"{label} {name}"))
-            wall = time.perf_counter() - start
-            spans = {r.rollout_id: self.store.get_spans(r.rollout_id, r.attempt_count) for r in result.rollouts}
-            answers = {rid: self.env.answer_of(s) for rid, s in spans.items()}
-            summary = summarise(name, result.rollouts, spans, answers, wall)
+            summary, _ = self.run_set(name, tasks, stack, agent=agent, prompts=prompts, desc=f"{label} {name}")
             summaries.append(summary)
             self.metrics.write(
                 {"event": label, **{f"{label}/{name}/{k}": v for k, v in summary.model_dump().items()
@@ -119,24 +112,58 @@ class Trainer:
         (out / f"{label}.json").write_text(json.dumps([s.model_dump() for s in summaries], indent=2))
         return summaries
 
+    def run_set(
+        self,
+        name: str,
+        tasks: list[Task],
+        stack: ServingStack | None,
+        agent: Agent | None = None,
+        prompts: dict[str, PromptTemplate] | None = None,
+        desc: str | None = None,
+    ) -> tuple[EvalSummary, list[tuple[Rollout, list[Span]]]]:
+        """One greedy pass of the agent over ``tasks``: its summary, and each rollout with its spans (what APO's
+        critic reads). Nothing is written besides the store's records."""
+        agent = agent or self.env.agent(self.recipe.env.mode)
+        model_name = stack.model_name if stack is not None else self.recipe.model.name
+        url = stack.url if stack is not None else "http://unused"
+        resources = self.resources(model_name, self.recipe.sampling.eval, prompts=prompts)
+        runner = Runner(self.store, agent, url, self.recipe.runner, progress=self.progress,
+                        on_finished=stack.release if stack is not None else None)
+        start = time.perf_counter()
+        result = asyncio.run(runner.run(tasks, resources, mode="eval", desc=desc or name))
+        wall = time.perf_counter() - start
+        spans = {r.rollout_id: self.store.get_spans(r.rollout_id, r.attempt_count) for r in result.rollouts}
+        answers = {rid: self.env.answer_of(s) for rid, s in spans.items()}
+        summary = summarise(name, result.rollouts, spans, answers, wall)
+        return summary, [(r, spans[r.rollout_id]) for r in result.rollouts]
+
     # -- training -----------------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> list[EvalSummary]:
-        """Train with the recipe's algorithm (GRPO, optionally warm-started, or SFT); validate before, every
-        ``eval_steps`` (GRPO) and after.
+    def fit(self, resume: bool = False, stop_at: float | None = None) -> list[EvalSummary]:
+        """Train with the recipe's algorithm (GRPO or PPO, optionally warm-started, or SFT); validate before, every
+        ``eval_steps`` (GRPO/PPO) and after.
 
         With ``resume`` the newest checkpoint in the run directory is loaded (adapter, optimiser, scheduler,
         RNG, step) and training continues from its step; rollouts and metric lines of the interrupted step
         are settled first so nothing is counted twice. Returns the final validation summaries.
+        ``stop_at``: GRPO/PPO skip their RL steps when the warm start already reaches this accuracy.
         """
         if self.recipe.algorithm is None:
             raise ValueError("this recipe has no `algorithm:` section; `rltrain eval` runs it, `train` needs one")
+        if self.recipe.algorithm.name == "apo":
+            from rltrain.algorithms.apo import train_apo
+
+            return train_apo(self, resume=resume)
         if self.recipe.algorithm.name == "sft":
             from rltrain.algorithms.sft import train_sft_run
 
             return train_sft_run(self, resume=resume)
+        if self.recipe.algorithm.name == "ppo":
+            from rltrain.algorithms.ppo import train_ppo
+
+            return train_ppo(self, resume=resume, stop_at=stop_at)
         from rltrain.algorithms.grpo import train_grpo
 
-        return train_grpo(self, resume=resume)
+        return train_grpo(self, resume=resume, stop_at=stop_at)
 
     def eval_sets(self) -> dict[str, list[Task]]:
         """The validation sets: ``data.val`` plus every ``data.extra_eval`` (resolved once per run)."""

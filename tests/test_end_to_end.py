@@ -111,3 +111,19 @@ def test_real_smollm2_eval_through_cli(tmp_path: Path, capsys: pytest.CaptureFix
     assert summary["n"] == 6 and summary["failed"] == 0 and summary["timed_out"] == 0
     assert summary["llm_calls"] == 6 and summary["parseable"] > 0.5
     assert 0.0 <= summary["accuracy"] <= 1.0
+
+
+def test_every_named_user_error_exists() -> None:
+    """The CLI names its user-facing exceptions as strings (to report a bad recipe without importing torch);
+    a renamed or moved class would silently become a traceback, so each name must resolve to itself."""
+    import importlib
+
+    from rltrain.cli import USER_ERRORS, is_user_error
+
+    for name in USER_ERRORS:
+        module, _, cls_name = name.rpartition(".")
+        cls = getattr(importlib.import_module(module), cls_name)
+        assert f"{cls.__module__}.{cls.__qualname__}" == name
+    from rltrain.envs.room_selection.tasks import TaskSpecError
+
+    assert is_user_error(TaskSpecError("x")) and not is_user_error(RuntimeError("x"))

@@ -684,3 +684,12 @@ def test_two_catalogs_in_one_process(tmp_path: Path, env: RoomSelectionEnv) -> N
     # ...and a task that names its catalog is answered against it, whichever agent runs it.
     named = [{**t.payload, "catalog_path": str(path)} for t in relabelled]
     assert [env.reference_agent()(payload, resources) for payload in named] == [1.0] * len(named)
+
+
+def test_reference_policies_match_calibration_on_the_first_28() -> None:
+    """CALIBRATION.md's trivial policies on the first 28 public requests: 0.214 / 0.710 / 0.750 (ours is exact)."""
+    env = RoomSelectionEnv()
+    policies = env.reference_policies(env.load_tasks("public:train"))
+    assert policies["always No Room"] == pytest.approx(0.214, abs=5e-4)
+    assert policies["random feasible room"] == pytest.approx(0.710, abs=2e-3)  # theirs: a 1000-seed mean
+    assert policies["first feasible room"] == pytest.approx(0.750, abs=5e-4)

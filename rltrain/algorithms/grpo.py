@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +25,18 @@ from trl import GRPOConfig, GRPOTrainer
 from rltrain.adapters.advantages import answer_distribution, collapse_warning, group_advantages
 from rltrain.adapters.trajectories import TrajectoryAdapter
 from rltrain.agent import Agent
-from rltrain.algorithms.run_state import accuracies, keep_if_best, settle_interrupted
+from rltrain.algorithms.run_state import (
+    accuracies,
+    keep_if_best,
+    last_complete_checkpoint,
+    settle_interrupted,
+)
 from rltrain.algorithms.sft import warm_start
+from rltrain.algorithms.weight_sync import attach_weight_sync, importance_sampling_args
 from rltrain.envs.base import Environment
 from rltrain.metrics import EvalSummary, MetricsWriter, peak_rss_mb, plot_run
-from rltrain.recipes import GRPOSection, RunnerConfig
-from rltrain.runner import Runner, RunStats, TrainingAbortedError
+from rltrain.recipes import GRPOSection, RLSection, RunnerConfig
+from rltrain.runner import Runner, RunStats
 from rltrain.serving import ServingStack
 from rltrain.store.base import Store
 from rltrain.types import Resources, Rollout, Span, Task, Trajectory
@@ -42,11 +49,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepSamples:
-    """What one generation step produced, before it is handed to TRL."""
+    """What one generation step produced, before it is handed to TRL (``spans``: each rollout's final-attempt
+    spans, by rollout id)."""
 
     rollouts: list[Rollout]
     rows: list[Trajectory | None]
     metrics: dict[str, Any] = field(default_factory=dict)
+    spans: dict[str, list[Span]] = field(default_factory=dict)
 
 
 class RolloutDriver:
@@ -63,7 +72,7 @@ class RolloutDriver:
         env: Environment,
         store: Store,
         tasks: list[Task],
-        section: GRPOSection,
+        section: RLSection,
         runner_config: RunnerConfig,
         metrics: MetricsWriter,
         progress: bool = True,
@@ -140,19 +149,14 @@ class RolloutDriver:
                 if not _zero_std(rollouts):
                     by_group[i] = rollouts
                     resampled += 1
-        if stats.total and stats.failed_fraction > self.runner_config.max_failed_fraction:
-            raise TrainingAbortedError(
-                f"step {version}: {stats.failed + stats.timed_out} of {stats.total} rollouts failed or timed out "
-                f"(more than runner.max_failed_fraction={self.runner_config.max_failed_fraction}); see the "
-                "exception spans in the store for the reasons"
-            )
+        stats.stop_if_mostly_failed(self.runner_config.max_failed_fraction, f"step {version}")
         rollouts = [r for g in by_group for r in g]
         # Read each rollout's final-attempt spans once: the adapter and the answer diagnostics both need them.
         spans = {r.rollout_id: self.store.get_spans(r.rollout_id, r.attempt_count) for r in rollouts}
         rows, adapter_metrics = self._rows(rollouts, spans)
         rewards = [r.reward if r.reward is not None else 0.0 for r in rollouts]
         groups_ids = [r.group_id or r.task.id for r in rollouts]
-        adv = group_advantages(rewards, groups_ids, scale_rewards=self.section.scale_rewards)
+        adv = group_advantages(rewards, groups_ids)  # only its group statistics are used, for the metrics
         answers = [self.env.answer_of(spans[r.rollout_id]) for r in rollouts]
         dist = answer_distribution(answers)
         warning = collapse_warning(dist)
@@ -174,7 +178,7 @@ class RolloutDriver:
             "train/rollout_s": time.perf_counter() - start,
             "policy_version": version,
         }
-        return StepSamples(rollouts=rollouts, rows=rows, metrics=metrics)
+        return StepSamples(rollouts=rollouts, rows=rows, metrics=metrics, spans=spans)
 
     async def _run_groups(
         self, runner: Runner, groups: list[tuple[Task, int]], resources: Resources, version: int,
@@ -256,7 +260,7 @@ class AgentGRPOTrainer(GRPOTrainer):
 class _RunCallback(TrainerCallback):
     """Validation every ``eval_steps`` (best adapter kept), TRL's logs into metrics.jsonl, the plot."""
 
-    def __init__(self, rl: RLTrainer, stack: ServingStack, section: GRPOSection, model: Any) -> None:
+    def __init__(self, rl: RLTrainer, stack: ServingStack, section: RLSection, model: Any) -> None:
         self.rl = rl
         self.stack = stack
         self.section = section
@@ -280,7 +284,8 @@ class _RunCallback(TrainerCallback):
             self.rl.metrics.write({"event": "train", **logs}, step=state.global_step)
 
 
-def _grpo_config(rl: RLTrainer, section: GRPOSection) -> GRPOConfig:
+def grpo_config(rl: RLTrainer, section: RLSection, **fields: Any) -> GRPOConfig:
+    """TRL's config from the recipe's shared GRPO/PPO fields; ``fields`` adds the algorithm's own."""
     recipe = rl.recipe
     sampling = recipe.sampling.train
     on_cpu = recipe.model.device == "cpu"
@@ -303,7 +308,6 @@ def _grpo_config(rl: RLTrainer, section: GRPOSection) -> GRPOConfig:
         beta=section.beta,
         epsilon=section.epsilon,
         epsilon_high=section.epsilon_high,
-        scale_rewards=section.scale_rewards,
         num_iterations=section.num_iterations,
         mask_truncated_completions=section.mask_truncated_completions,
         max_completion_length=section.max_completion_length,
@@ -316,28 +320,46 @@ def _grpo_config(rl: RLTrainer, section: GRPOSection) -> GRPOConfig:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=not rl.progress,
+        **importance_sampling_args(section),
+        **fields,
     )
 
 
-def train_grpo(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
-    """The whole GRPO run: baseline validation (or the warm start and its validation), TRL training with agent
-    rollouts, final validation."""
+def train_grpo(rl: RLTrainer, resume: bool = False, stop_at: float | None = None) -> list[EvalSummary]:
+    """The whole GRPO run (see :func:`train_with_rollouts`)."""
+    section = rl.recipe.algorithm
+    assert isinstance(section, GRPOSection)
+    args = grpo_config(rl, section, scale_rewards=section.scale_rewards)
+    return train_with_rollouts(rl, section, AgentGRPOTrainer, RolloutDriver, args, resume=resume, stop_at=stop_at)
+
+
+def train_with_rollouts(
+    rl: RLTrainer,
+    section: RLSection,
+    trainer_factory: Callable[..., AgentGRPOTrainer],
+    driver_cls: type[RolloutDriver],
+    args: GRPOConfig,
+    resume: bool = False,
+    stop_at: float | None = None,
+) -> list[EvalSummary]:
+    """A TRL run fed by the agents (GRPO, or PPO through its trainer and driver): baseline validation (or the
+    warm start and its validation), training, final validation.
+
+    ``stop_at`` (the escalation ladder's target): when the warm start alone reaches this accuracy on the first
+    validation set, no RL step runs and the warm start's validation is returned.
+    """
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
 
     from rltrain.models import load_model_and_tokenizer
 
     recipe = rl.recipe
-    section = recipe.algorithm
-    assert isinstance(section, GRPOSection)
     checkpoint = None
     if resume:
-        checkpoint = get_last_checkpoint(str(rl.run_dir / "checkpoints")) if (rl.run_dir / "checkpoints").exists() \
-            else None
+        checkpoint = last_complete_checkpoint(rl.run_dir / "checkpoints")
         settle_interrupted(rl, checkpoint)
     train_spec = recipe.data.train
     if train_spec is None:
-        raise ValueError("data.train is not set: GRPO needs training tasks")
+        raise ValueError(f"data.train is not set: {section.name.upper()} needs training tasks")
     train_tasks = rl.load_tasks(train_spec)
     rl.eval_sets()  # a bad task spec fails here, before minutes of model loading
     model, tokenizer = load_model_and_tokenizer(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
@@ -345,16 +367,16 @@ def train_grpo(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
     warm = None
     if recipe.warm_start is not None:
         warm = warm_start(rl, model, tokenizer, recipe.warm_start, section.lora, resume=resume)
-        model, peft_config = warm.model, None  # GRPO continues this adapter (a checkpoint, on resume, replaces it)
-    driver = RolloutDriver(
+        model, peft_config = warm.model, None  # RL continues this adapter (a checkpoint, on resume, replaces it)
+    driver = driver_cls(
         agent=rl.env.agent(recipe.env.mode), env=rl.env, store=rl.store, tasks=train_tasks, section=section,
         runner_config=recipe.runner, metrics=rl.metrics, progress=rl.progress,
     )
-    trl_trainer = AgentGRPOTrainer(
+    trl_trainer = trainer_factory(
         driver=driver,
         model=model,
         processing_class=tokenizer,
-        args=_grpo_config(rl, section),
+        args=args,
         train_dataset=Dataset.from_dict({"prompt": [t.id for t in train_tasks]}),
         peft_config=peft_config,
     )
@@ -366,11 +388,16 @@ def train_grpo(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
             stack.engine.set_policy_version,
             stack.release,
         )
+        attach_weight_sync(recipe, stack.engine, trl_trainer)  # vLLM: policy-v{step} before validating a step
         callback = _RunCallback(rl, stack, section, trl_trainer.model)
         trl_trainer.add_callback(callback)
         trl_trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl, not stdout
         if warm is not None and warm.fresh:  # the warm start validated the base model; now its adapter
-            logger.info("after the warm start: %s", accuracies(callback.validate(0, label="warm_start")))
+            after_warm = callback.validate(0, label="warm_start")
+            logger.info("after the warm start: %s", accuracies(after_warm))
+            if stop_at is not None and after_warm[0].accuracy >= stop_at:
+                logger.info("the warm start reached the target %.3f: no RL steps", stop_at)
+                return after_warm
         elif warm is None and checkpoint is None:
             baseline = rl.evaluate(rl.eval_sets(), stack=stack, label="baseline", step=0)
             logger.info("baseline: %s", accuracies(baseline))

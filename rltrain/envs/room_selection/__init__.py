@@ -12,10 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from rltrain.agent import Agent
-from rltrain.envs.room_selection.agent import AGENT_MODES, GRADE_SPAN, make_agent
+from rltrain.envs.room_selection.agent import AGENT_MODES, GRADE_SPAN, catalog_for, make_agent
 from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
 from rltrain.envs.room_selection.prompts import DEFAULT_PROMPTS, default_prompts
-from rltrain.envs.room_selection.tasks import resolve_tasks
+from rltrain.envs.room_selection.schema import NO_ROOM
+from rltrain.envs.room_selection.solver import check_rooms
+from rltrain.envs.room_selection.tasks import request_of, resolve_tasks
 from rltrain.types import PromptTemplate, Span, SpanKind, Task
 
 
@@ -58,6 +60,30 @@ class RoomSelectionEnv:
             if span.kind == SpanKind.LOG and span.name == GRADE_SPAN:
                 return span.attributes.get("choice")
         return None
+
+    def reference_policies(self, tasks: list[Task]) -> dict[str, float]:
+        """Accuracy of the trivial policies CALIBRATION.md compares every rung with, on ``tasks``: always
+        ``No Room``; a random room that passes the hard constraints (its expected accuracy: 1/k when the
+        answer is one of k feasible rooms; ``No Room`` when none passes); the first feasible room in catalog
+        order. A model below the random-feasible policy has not learnt the tie-breaks."""
+        if not tasks:
+            return {}
+        no_room = random_feasible = first_feasible = 0.0
+        for task in tasks:
+            expected = task.payload["expected_choice"]
+            request = request_of(task.payload)
+            catalog = catalog_for(task.payload, self.catalog)
+            passing = [c.room.id for c in check_rooms(request, catalog) if c.passes]
+            no_room += expected == NO_ROOM
+            if not passing:
+                random_feasible += expected == NO_ROOM
+                first_feasible += expected == NO_ROOM
+            else:
+                random_feasible += (expected in passing) / len(passing)
+                first_feasible += expected == passing[0]
+        n = len(tasks)
+        return {"always No Room": no_room / n, "random feasible room": random_feasible / n,
+                "first feasible room": first_feasible / n}
 
     def __repr__(self) -> str:
         return f"RoomSelectionEnv(catalog={str(self.catalog_path)!r})"

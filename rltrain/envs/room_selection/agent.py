@@ -60,7 +60,7 @@ def _catalog_at(path: str) -> Catalog:
     return load_catalog(path)
 
 
-def _catalog_for(task: dict[str, Any], bound: Catalog | None) -> Catalog:
+def catalog_for(task: dict[str, Any], bound: Catalog | None) -> Catalog:
     """The task's own ``catalog_path`` if it names one, else the agent's catalog, else the reference one."""
     if task.get("catalog_path"):
         return _catalog_at(str(Path(task["catalog_path"]).resolve()))
@@ -230,7 +230,7 @@ def make_agent(mode: str, catalog: Catalog | None = None, max_turns: int = DEFAU
     answer = answerers[mode]
 
     def room_selector(task: dict[str, Any], resources: Resources) -> float:
-        task_catalog = _catalog_for(task, catalog)
+        task_catalog = catalog_for(task, catalog)
         return record_grade(
             answer(request_of(task), resources, task_catalog), task["expected_choice"], task_catalog
         )
