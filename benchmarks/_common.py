@@ -8,6 +8,7 @@ and memory: peer / ours), except where a row has an absolute target instead (``t
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -28,6 +29,13 @@ def timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def phase_start() -> float:
+    """``perf_counter`` after a full garbage collection, to start a timed phase from a collected heap: a
+    collection owed to earlier garbage then never lands in the phase (both sides of a benchmark use it)."""
+    gc.collect()
+    return time.perf_counter()
 
 
 def per_phase_medians(trials: list[dict[str, float]]) -> dict[str, float]:

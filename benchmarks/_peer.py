@@ -15,7 +15,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import venv
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +66,21 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_peer(script: str, spec: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
-    """Run ``script`` with the peer's python, ``spec`` as JSON on stdin; returns the JSON of its last line.
-
-    The benchmarks directory is on the script's ``sys.path`` so it can import the stdlib-only workload
-    builders (:mod:`_workloads`) that the rltrain side uses too: both sides get byte-identical inputs.
-    """
+def _script_env() -> dict[str, str]:
+    """The peer venv's environment with the benchmarks directory on ``sys.path``, so that the script can import
+    the stdlib-only workload builders (:mod:`_workloads`) that the rltrain side uses too: both sides get
+    byte-identical inputs."""
     env = _env()
     env["PYTHONPATH"] = str(BENCH_DIR)
+    return env
+
+
+def run_peer(script: str, spec: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
+    """Run ``script`` with the peer's python, ``spec`` as JSON on stdin; returns the JSON of its last line."""
     done = subprocess.run(
         [str(peer_python()), "-c", script],
         input=json.dumps(spec),
-        env=env,
+        env=_script_env(),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -87,3 +94,64 @@ def run_peer(script: str, spec: dict[str, Any], timeout_s: float = 600.0) -> dic
             f"stderr tail:\n{done.stderr[-4000:]}"
         )
     return json.loads(lines[-1])
+
+
+
+@contextmanager
+def peer_session(
+    script: str, spec: dict[str, Any], timeout_s: float = 600.0
+) -> Iterator[Callable[[dict[str, Any]], dict[str, Any]]]:
+    """A peer script kept running between trials; yields ``request(message) -> answer``. With it a benchmark
+    alternates the two systems' trials, so that a change of load on a shared machine slows both alike instead
+    of whichever side ran later.
+
+    The script reads the workload spec as its first stdin line, then answers each further line (one JSON
+    request) with one JSON line on stdout, and ends at end of input. Other stdout lines are skipped; stderr is
+    kept in a temporary file for the error message. The whole session is killed after ``timeout_s``.
+    """
+    with (
+        tempfile.TemporaryFile(mode="w+") as stderr,
+        subprocess.Popen(
+            [str(peer_python()), "-c", script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=_script_env(),
+            cwd=BENCH_DIR,
+            text=True,
+        ) as process,
+    ):
+        assert process.stdin is not None and process.stdout is not None
+        stdin, stdout = process.stdin, process.stdout
+        deadline = threading.Timer(timeout_s, process.kill)
+        deadline.start()
+
+        def request(message: dict[str, Any]) -> dict[str, Any]:
+            try:
+                stdin.write(json.dumps(message) + "\n")
+                stdin.flush()
+            except BrokenPipeError:
+                pass  # the script died: reported below, with its stderr
+            for line in stdout:
+                if line.startswith("{"):
+                    return json.loads(line)
+            process.wait()
+            stderr.seek(0)
+            raise PeerError(
+                f"peer script ended (exit {process.returncode}) before answering {message}:\n"
+                f"stderr tail:\n{stderr.read()[-4000:]}"
+            )
+
+        try:
+            stdin.write(json.dumps(spec) + "\n")
+            yield request
+        finally:
+            try:
+                stdin.close()  # the script's end of input: it exits
+            except BrokenPipeError:
+                pass
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            deadline.cancel()

@@ -10,8 +10,11 @@ by call:
 * **gateway**: rltrain's app (:func:`~rltrain.gateway.create_app`) served as rltrain serves it
   (:class:`~rltrain.gateway.GatewayServer`), with the real SmolLM2 tokenizer: body
   validation, chat template, tokenisation, decode, and, on the rollout route, attribution to a running rollout
-  and the llm span written to the store before the answer (each call goes to a rollout of its own, as a
-  rollout's first turn does).
+  and the llm span recorded in the store before the answer (each call goes to a rollout of its own, as a
+  rollout's first turn does). The rollouts are claimed through the same store object the gateway records into,
+  as in training, where runner and gateway share the run's store: so the SQLite store takes the span into
+  memory on the answer's path and writes it at the rollout's next durability point (its ``finish_attempt``
+  at the latest; see ``Store.add_spans_nowait``). The benchmark checks at the end that the spans are there.
 
 The figure is the median over calls of (gateway latency - direct latency), medians of 3 rounds. Target (issue 8):
 <= 0.5 ms added. The peer (Agent Lightning 0.3.0's ``LLMProxy``, a LiteLLM proxy in front of an

@@ -24,17 +24,17 @@ import torch
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPEATS, log, median  # noqa: E402
+from _common import REPEATS, log, median
 
-from rltrain.engines.transformers import TransformersEngine  # noqa: E402
-from rltrain.envs import get_env  # noqa: E402
-from rltrain.envs.room_selection.prompts import prompt_values  # noqa: E402
-from rltrain.envs.room_selection.tasks import request_of  # noqa: E402
-from rltrain.gateway.app import create_app  # noqa: E402
-from rltrain.gateway.server import GatewayServer  # noqa: E402
-from rltrain.models import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: E402
-from rltrain.store import MemoryStore  # noqa: E402
-from rltrain.types import Rollout  # noqa: E402
+from rltrain.engines.transformers import TransformersEngine
+from rltrain.envs import get_env
+from rltrain.envs.room_selection.prompts import prompt_values
+from rltrain.envs.room_selection.tasks import request_of
+from rltrain.gateway.app import create_app
+from rltrain.gateway.server import GatewayServer
+from rltrain.models import DEFAULT_MODEL, load_model_and_tokenizer
+from rltrain.store import MemoryStore
+from rltrain.types import Rollout
 
 BATCH = 8
 

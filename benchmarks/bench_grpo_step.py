@@ -23,15 +23,15 @@ from typing import Any
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import log, median  # noqa: E402
+from _common import log, median
 
-from rltrain.agent import rollout  # noqa: E402
-from rltrain.envs import register_env  # noqa: E402
-from rltrain.metrics import read_metrics  # noqa: E402
-from rltrain.models import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: E402
-from rltrain.recipes import parse_recipe  # noqa: E402
-from rltrain.trainer import Trainer  # noqa: E402
-from rltrain.types import PromptTemplate, Resources, Span, Task  # noqa: E402
+from rltrain.agent import rollout
+from rltrain.envs import register_env
+from rltrain.metrics import read_metrics
+from rltrain.models import DEFAULT_MODEL, load_model_and_tokenizer
+from rltrain.recipes import parse_recipe
+from rltrain.trainer import Trainer
+from rltrain.types import PromptTemplate, Resources, Span, Task
 
 ROOMS = ["Orion", "Lyra", "Vega", "Nova", "Quark", "Atlas", "Pulse", "Mira"]
 PROMPT = "Suggest a name for a meeting room like {room}. Answer with one word."
@@ -141,10 +141,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         log("TRL GRPOTrainer generating by itself ...")
         trl = trl_step_times(args.steps, Path(tmp) / "trl")
-        log(f"  step times {['%.1f' % t for t in trl]}")
+        log(f"  step times {[f'{t:.1f}' for t in trl]}")
         log("rltrain: agents through the gateway ...")
         ours = rltrain_step_times(args.steps, Path(tmp) / "rltrain")
-        log(f"  step times {['%.1f' % t for t in ours]}")
+        log(f"  step times {[f'{t:.1f}' for t in ours]}")
     t, o = median(trl[1:]), median(ours[1:])
     print(f"GRPO step, {PROMPTS_PER_STEP} prompts x {GENERATIONS} generations, {COMPLETION} tokens, SmolLM2 + LoRA")
     print(f"TRL GRPOTrainer (generates itself) : {t:6.2f} s/step")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import sqlite3
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rltrain.store import MemoryStore, SqliteStore, Store, StoreError, UnknownRolloutError, open_store
+from rltrain.store import sqlite as sqlite_module
 from rltrain.store.span_cache import SpanCache
 from rltrain.types import LLMResource, PromptTemplate, Resources, Rollout, RolloutStatus, Span, SpanKind, Task
 
@@ -113,6 +115,55 @@ def test_enqueue_rejects_duplicates_and_non_queued_rollouts(store: Store) -> Non
         store.enqueue_rollouts([fresh, first.model_copy()])
     with pytest.raises(UnknownRolloutError):
         store.get_rollout(fresh.rollout_id)
+
+
+def test_enqueue_tasks_makes_groups_of_queued_rollouts_in_task_order(store: Store) -> None:
+    tasks = [Task(id=f"t{i}", payload={"i": i}) for i in range(3)]
+    new_ids = store.enqueue_tasks(
+        tasks, mode="val", resources_version=4, batch_id="b1", group_size=2, max_attempts=3
+    )
+    made = [store.get_rollout(rid) for rid in new_ids]
+    assert [(r.task, r.group_id) for r in made] == [(t, f"{t.id}@b1") for t in tasks for _ in range(2)]
+    assert len(set(new_ids)) == 6 and all(re.fullmatch(r"ro-[0-9a-f]{16}", rid) for rid in new_ids)
+    shared = {(r.status, r.mode, r.resources_version, r.batch_id, r.max_attempts, r.attempt_count) for r in made}
+    assert shared == {(RolloutStatus.QUEUED, "val", 4, "b1", 3, 0)}
+    assert len({r.created_at for r in made}) == 1
+    assert ids(store.list_rollouts()) == new_ids
+    assert [claim(store)[0].rollout_id for _ in made] == new_ids  # claimed in enqueue order
+    [alone] = store.enqueue_tasks(tasks[:1])
+    assert store.get_rollout(alone).group_id is None  # no batch: grouping falls back to the task id
+    assert store.enqueue_tasks([]) == []
+
+
+def test_enqueue_tasks_rollouts_are_true_rollouts(store: Store) -> None:
+    """The memory store keeps records made without per-rollout validation: they must behave exactly like
+    validated ones (the SQLite store reads validated ones back)."""
+    task = Task(id="t", payload={"x": [1, 2]})
+    first, second = (store.get_rollout(rid) for rid in store.enqueue_tasks([task], batch_id="b", group_size=2))
+    validated = Rollout.model_validate(first.model_dump())
+    assert first == validated and first.model_dump_json() == validated.model_dump_json()
+    assert first.model_copy(update={"reward": 0.5}).reward == 0.5 and first.reward is None
+    if isinstance(store, MemoryStore):
+        assert first.model_fields_set == {
+            "rollout_id",
+            "task",
+            "mode",
+            "resources_version",
+            "batch_id",
+            "group_id",
+            "max_attempts",
+            "created_at",
+        }
+        first.model_fields_set.add("reward")
+        assert "reward" not in second.model_fields_set  # each rollout has its own set
+
+
+def test_enqueue_tasks_refuses_what_is_not_a_task_batch(store: Store) -> None:
+    with pytest.raises(StoreError, match="group_size must be >= 1, got 0"):
+        store.enqueue_tasks([Task(id="t", payload={})], group_size=0)
+    with pytest.raises(StoreError, match=r"tasks\[1\] must be a Task, got dict"):
+        store.enqueue_tasks([Task(id="t", payload={}), {"id": "u"}])  # type: ignore[list-item]
+    assert store.list_rollouts() == []
 
 
 def ids(rollouts: list[Rollout]) -> list[str]:
@@ -333,6 +384,156 @@ def test_a_batch_with_an_unknown_rollout_adds_nothing(store: Store) -> None:
     with pytest.raises(UnknownRolloutError):
         store.add_spans([span(rollout.rollout_id), span("ro-missing")])
     assert store.get_spans(rollout.rollout_id) == []
+
+
+# -- spans written behind (add_spans_nowait) and rollouts answered at once (get_rollout_nowait) -----------
+def test_nowait_takes_only_spans_of_running_attempts(store: Store) -> None:
+    first, queued = make_rollouts(2, max_attempts=2)
+    store.enqueue_rollouts([first, queued])
+    rid = first.rollout_id
+    assert store.add_spans_nowait([span(rid)]) is False  # queued, not running
+    claimed, attempt_no = claim(store)
+    assert store.get_rollout_nowait(rid) == claimed
+    refused = [[span(queued.rollout_id)], [span(rid, 2)], [span(rid, sequence=7)], [span("ro-missing")]]
+    for spans in refused:
+        assert store.add_spans_nowait(spans) is False
+    assert store.add_spans_nowait([span(rid, name="a"), span(rid, name="b")]) is True
+    store.add_spans([span(rid, name="c")])  # after the ones taken before it
+    assert store.add_spans_nowait([span(rid, name="d")]) is True
+    assert [(s.sequence, s.name) for s in store.get_spans(rid)] == [(0, "a"), (1, "b"), (2, "c"), (3, "d")]
+    store.finish_attempt(rid, attempt_no, RolloutStatus.FAILED, requeue=True)
+    assert store.add_spans_nowait([span(rid, name="late")]) is False
+    claim(store)
+    assert store.add_spans_nowait([span(rid, attempt_no + 1, name="retry")]) is True
+    store.cancel_rollouts([rid])
+    assert store.add_spans_nowait([span(rid, attempt_no + 1, name="after cancel")]) is False
+    assert [s.name for s in store.get_spans(rid)] == ["a", "b", "c", "d", "retry"]
+    assert store.get_rollout_nowait("ro-missing") is None
+
+
+def test_sqlite_nowait_answers_only_for_rollouts_it_claimed(tmp_path: Path) -> None:
+    """Another store object on the file (another process) finishes them: only add_spans would be durable."""
+    runner, gateway = SqliteStore(tmp_path / "store.sqlite"), SqliteStore(tmp_path / "store.sqlite")
+    rollout = make_rollouts(1)[0]
+    runner.enqueue_rollouts([rollout])
+    claim(runner)
+    assert gateway.get_rollout_nowait(rollout.rollout_id) is None
+    assert gateway.add_spans_nowait([span(rollout.rollout_id)]) is False
+    assert runner.get_rollout_nowait(rollout.rollout_id) is not None
+    runner.finish_attempt(rollout.rollout_id, 1, RolloutStatus.SUCCEEDED, reward=1.0)
+    assert runner.get_rollout_nowait(rollout.rollout_id) is None
+    runner.close()
+    gateway.close()
+
+
+def test_a_finished_rollouts_spans_are_durable_when_finish_returns(tmp_path: Path) -> None:
+    store, other = SqliteStore(tmp_path / "store.sqlite"), SqliteStore(tmp_path / "store.sqlite")
+    first, second = make_rollouts(2)
+    store.enqueue_rollouts([first, second])
+    claim(store)
+    claim(store)
+    assert store.add_spans_nowait([span(first.rollout_id, name="a"), span(second.rollout_id, name="b")])
+    assert other.get_spans(first.rollout_id) == []  # in memory only, so far
+    store.finish_attempt(first.rollout_id, 1, RolloutStatus.SUCCEEDED, reward=1.0)
+    # one transaction with the finish: every span waiting is on file now, the other rollout's too
+    assert [s.name for s in other.get_spans(first.rollout_id)] == ["a"]
+    assert [s.name for s in other.get_spans(second.rollout_id)] == ["b"]
+    assert store.add_spans_nowait([span(second.rollout_id, name="c")])
+    store.close()  # writes what still waits
+    assert [s.name for s in other.get_spans(second.rollout_id)] == ["b", "c"]
+    assert other.integrity_check() == []
+    other.close()
+
+
+def test_a_span_taken_while_the_attempt_finishes_is_written_or_refused(sqlite_store: SqliteStore) -> None:
+    """The finish takes the waiting spans and ends the writing behind in one step: a span the gateway was
+    told is recorded can never miss the finish that the runner then reports."""
+    rollout = make_rollouts(1)[0]
+    sqlite_store.enqueue_rollouts([rollout])
+    claim(sqlite_store)
+    taken = 0
+    started = threading.Event()
+
+    def gateway() -> None:
+        nonlocal taken
+        while sqlite_store.add_spans_nowait([span(rollout.rollout_id)]):
+            taken += 1
+            started.set()
+
+    thread = threading.Thread(target=gateway)
+    thread.start()
+    started.wait(10)
+    finished = sqlite_store.finish_attempt(rollout.rollout_id, 1, RolloutStatus.SUCCEEDED, reward=1.0)
+    thread.join(10)
+    assert finished.status is RolloutStatus.SUCCEEDED and taken > 0
+    reader = SqliteStore(sqlite_store.path)  # what is on file, not what this store caches
+    assert len(reader.get_spans(rollout.rollout_id)) == taken
+    reader.close()
+
+
+def test_a_failed_write_puts_the_waiting_spans_back(sqlite_store: SqliteStore) -> None:
+    rollout = make_rollouts(1)[0]
+    sqlite_store.enqueue_rollouts([rollout])
+    claim(sqlite_store)
+    waiting = span(rollout.rollout_id, name="waiting")
+    assert sqlite_store.add_spans_nowait([waiting])
+    with pytest.raises(UnknownRolloutError):  # the transaction that would have written it is rolled back
+        sqlite_store.add_spans([span("ro-missing")])
+    assert waiting.sequence is None
+    assert sqlite_store.add_spans_nowait([span(rollout.rollout_id, name="next")])  # still claimed here
+    sqlite_store.finish_attempt(rollout.rollout_id, 1, RolloutStatus.SUCCEEDED, reward=1.0)
+    assert [(s.sequence, s.name) for s in sqlite_store.get_spans(rollout.rollout_id)] == [
+        (0, "waiting"),
+        (1, "next"),
+    ]
+
+
+def test_a_span_that_cannot_be_written_behind_is_logged_and_left_out(
+    sqlite_store: SqliteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    rollout = make_rollouts(1)[0]
+    sqlite_store.enqueue_rollouts([rollout])
+    claim(sqlite_store)
+    rid = rollout.rollout_id
+    bad = Span(rollout_id=rid, kind=SpanKind.TOOL, name="bad", attributes={"result": object()})
+    twice = span(rid, name="twice")
+    assert sqlite_store.add_spans_nowait([span(rid, name="a"), bad, twice, twice, span(rid, name="b")])
+    sqlite_store.finish_attempt(rid, 1, RolloutStatus.SUCCEEDED, reward=1.0)  # the finish is not held up
+    assert [s.name for s in sqlite_store.get_spans(rid)] == ["a", "twice", "b"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "not JSON-serialisable" in errors[0] and twice.span_id in errors[1]
+    assert sqlite_store.integrity_check() == []
+
+
+def test_at_most_so_many_spans_wait(sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_module, "MAX_PENDING_SPANS", 2)
+    rollout = make_rollouts(1)[0]
+    sqlite_store.enqueue_rollouts([rollout])
+    claim(sqlite_store)
+    rid = rollout.rollout_id
+    assert sqlite_store.add_spans_nowait([span(rid), span(rid)])
+    assert not sqlite_store.add_spans_nowait([span(rid)])  # the caller's add_spans writes all three
+    sqlite_store.add_spans([span(rid)])
+    assert sqlite_store.add_spans_nowait([span(rid), span(rid)])
+
+
+def _nowait_in_child(store: SqliteStore, rollout_id: str, results: multiprocessing.Queue) -> None:
+    results.put((store.get_rollout_nowait(rollout_id), store.add_spans_nowait([span(rollout_id)])))
+
+
+def test_a_forked_process_writes_nothing_behind_for_its_parent(sqlite_store: SqliteStore) -> None:
+    rollout = make_rollouts(1)[0]
+    sqlite_store.enqueue_rollouts([rollout])
+    claim(sqlite_store)
+    assert sqlite_store.add_spans_nowait([span(rollout.rollout_id, name="parent's")])
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_nowait_in_child, args=(sqlite_store, rollout.rollout_id, results))
+    child.start()
+    assert results.get(timeout=30) == (None, False)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert [s.name for s in sqlite_store.get_spans(rollout.rollout_id)] == ["parent's"]
 
 
 # -- resources ------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from rltrain.gateway.sessions import PromptPlan, SessionKey, SessionStore
 from rltrain.gateway.tool_calls import ParsedOutput, parse_tool_calls
 from rltrain.store.base import Store, UnknownRolloutError
 from rltrain.store.memory import MemoryStore
-from rltrain.types import LLMCallRecord, RolloutStatus, Span, SpanKind
+from rltrain.types import LLMCallRecord, Rollout, RolloutStatus, Span, SpanKind
 
 #: model names of the form ``policy-v{N}`` address the policy after weight sync N (design decision 4)
 POLICY_ALIAS = re.compile(r"^policy-v(\d+)$")
@@ -77,28 +77,22 @@ class ChatService:
             code="model_not_found",
         )
 
-    async def attempt_of(self, rollout_id: str) -> int:
-        """The running attempt of ``rollout_id`` that a call is attributed to (404 unknown, 409 not running)."""
+    async def attempt_of(self, rollout_id: str, attempt_no: int | None = None) -> int:
+        """The running attempt of ``rollout_id`` that a call is attributed to: 404 for an unknown rollout, 409
+        when it is not running or (``attempt_no`` given) when its running attempt is another one."""
         if self.store is None:
             raise NotFoundError(
                 f"rollout {rollout_id!r} not found: this gateway has no store", code="rollout_not_found"
             )
         try:
-            rollout = await _call_store(self.store, self.store.get_rollout, rollout_id)
+            rollout = self.store.get_rollout_nowait(rollout_id) or await _call_store(
+                self.store, self.store.get_rollout, rollout_id
+            )
         except UnknownRolloutError:
             raise NotFoundError(f"rollout {rollout_id!r} not found", code="rollout_not_found") from None
-        if rollout.status.finished:
+        if rollout.status.finished:  # the runner releases a finished rollout's session; this catches stragglers
             self.sessions.drop(rollout_id)
-            raise ConflictError(
-                f"rollout already finished: rollout {rollout_id!r} is {rollout.status.value}",
-                code="rollout_finished",
-            )
-        if rollout.status != RolloutStatus.RUNNING:
-            raise ConflictError(
-                f"rollout {rollout_id!r} is {rollout.status.value}, not running; calls are accepted only while "
-                "an attempt runs",
-                code="rollout_not_running",
-            )
+        _check_running(rollout, attempt_no)
         return rollout.attempt_count
 
     def release_rollout(self, rollout_id: str) -> None:
@@ -107,16 +101,26 @@ class ChatService:
 
     # -- the completion -------------------------------------------------------------------------------
     async def complete(
-        self, request: ChatCompletionRequest, *, rollout_id: str | None = None, tag: str | None = None
+        self,
+        request: ChatCompletionRequest,
+        *,
+        rollout_id: str | None = None,
+        attempt_no: int | None = None,
+        tag: str | None = None,
     ) -> ChatResult:
-        """Serve ``request``; with ``rollout_id``, remember the turn and record one llm span per choice."""
+        """Serve ``request``; with ``rollout_id`` (and, when given, only while its attempt ``attempt_no`` runs),
+        remember the turn and record one llm span per choice."""
         started = time.time()
         self.check_model(request.model)
         if request.n > self.max_n:
             raise InvalidRequestError(
                 f"n must be <= {self.max_n} on this gateway, got {request.n}", param="n"
             )
-        key = SessionKey(rollout_id, await self.attempt_of(rollout_id)) if rollout_id is not None else None
+        key = (
+            SessionKey(rollout_id, await self.attempt_of(rollout_id, attempt_no))
+            if rollout_id is not None
+            else None
+        )
         try:
             plan = self.sessions.plan(
                 key,
@@ -245,7 +249,8 @@ class ChatService:
         tag: str | None,
         started: float,
     ) -> None:
-        """Keep each choice as a session turn and record it as an llm span."""
+        """Keep each choice as a session turn and record it as an llm span, unless the attempt ended while the
+        engine generated (it timed out, say): then nothing is recorded and the call gets a 409."""
         ended = time.time()
         messages = [message.model_dump(mode="json", exclude_none=True) for message in request.messages]
         tools = (
@@ -255,15 +260,6 @@ class ChatService:
         )
         spans = []
         for choice in result.choices:
-            reply = ChatMessage.model_validate(choice.message()).key()
-            self.sessions.record(
-                key,
-                request.messages,
-                plan,
-                choice.completion_ids,
-                reply,
-                continue_final_message=request.continue_final_message,
-            )
             completion_tokens = len(choice.completion_ids)
             record = LLMCallRecord(
                 model=request.model,
@@ -299,7 +295,60 @@ class ChatService:
                     attributes=record.model_dump(mode="json"),
                 )
             )
-        await _call_store(store, store.add_spans, spans)
+        # Taken at once when the store can (the attempt runs, no disk write on this path); else checked and
+        # written in a worker thread.
+        ended_as = (
+            None
+            if store.add_spans_nowait(spans)
+            else await _call_store(store, _add_spans_if_running, store, key, spans)
+        )
+        if ended_as is not None:  # remembered nowhere: the attempt's session is not touched either
+            raise ConflictError(
+                f"attempt {key.attempt_no} of rollout {key.rollout_id!r} ended while this call was served "
+                f"(the rollout is now {ended_as}); the completion was not recorded",
+                code="attempt_ended",
+            )
+        for choice in result.choices:
+            reply = ChatMessage.model_validate(choice.message()).key()
+            self.sessions.record(
+                key,
+                request.messages,
+                plan,
+                choice.completion_ids,
+                reply,
+                continue_final_message=request.continue_final_message,
+            )
+
+
+def _check_running(rollout: Rollout, attempt_no: int | None) -> None:
+    """Refuse (409) a call to a rollout that is not running, or whose running attempt is not ``attempt_no``."""
+    if rollout.status.finished:
+        raise ConflictError(
+            f"rollout already finished: rollout {rollout.rollout_id!r} is {rollout.status.value}",
+            code="rollout_finished",
+        )
+    if rollout.status != RolloutStatus.RUNNING:
+        raise ConflictError(
+            f"rollout {rollout.rollout_id!r} is {rollout.status.value}, not running; calls are accepted only "
+            "while an attempt runs",
+            code="rollout_not_running",
+        )
+    if attempt_no is not None and attempt_no != rollout.attempt_count:
+        raise ConflictError(
+            f"attempt {attempt_no} of rollout {rollout.rollout_id!r} has ended (attempt {rollout.attempt_count} "
+            "runs now); calls are accepted only from the running attempt",
+            code="attempt_ended",
+        )
+
+
+def _add_spans_if_running(store: Store, key: SessionKey, spans: list[Span]) -> str | None:
+    """Record ``spans`` if ``key``'s attempt still runs; otherwise record nothing and say what the rollout is
+    now. (A finish landing between the check and the write is not excluded; the window is one store call.)"""
+    rollout = store.get_rollout(key.rollout_id)
+    if rollout.status != RolloutStatus.RUNNING or rollout.attempt_count != key.attempt_no:
+        return f"{rollout.status.value} at attempt {rollout.attempt_count}"
+    store.add_spans(spans)
+    return None
 
 
 async def _call_store(store: Store, method: Callable[..., _T], *args: Any) -> _T:

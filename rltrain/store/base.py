@@ -7,9 +7,10 @@ records or reads rollouts goes through this protocol, so the runner, gateway and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from rltrain.types import Attempt, Resources, Rollout, RolloutStatus, Span
+from rltrain.types import Attempt, Resources, Rollout, RolloutStatus, Span, Task
 
 
 class StoreError(RuntimeError):
@@ -27,6 +28,21 @@ class Store(Protocol):
     # -- rollouts -------------------------------------------------------------------------------------
     def enqueue_rollouts(self, rollouts: list[Rollout]) -> None:
         """Add rollouts in status ``queued`` (one transaction for the whole list)."""
+
+    def enqueue_tasks(
+        self,
+        tasks: Sequence[Task],
+        *,
+        mode: str = "train",
+        resources_version: int = 0,
+        batch_id: str | None = None,
+        group_size: int = 1,
+        max_attempts: int = 1,
+    ) -> list[str]:
+        """Add ``group_size`` new queued rollouts of every task, in task order (one transaction); returns their
+        ids. The batch path, the runner's: the fields the rollouts share are validated once, not per rollout,
+        and the ids are unguessable (see :class:`rltrain.store.rules.NewBatch` for the group ids and the cost,
+        :func:`rltrain.store.rules.new_rollout_ids` for why unguessable)."""
 
     def claim_rollout(
         self, worker_id: str, mode: str | None = None, batch_id: str | None = None
@@ -52,6 +68,14 @@ class Store(Protocol):
     def get_rollout(self, rollout_id: str) -> Rollout:
         """The rollout; raises :class:`UnknownRolloutError`."""
 
+    def get_rollout_nowait(self, rollout_id: str) -> Rollout | None:
+        """The rollout when the store can tell without blocking (no file I/O, no lock that I/O holds), for an
+        event loop to call directly; ``None`` means: ask :meth:`get_rollout` (from a worker thread).
+
+        The memory store always can (``None`` for an unknown id). The SQLite store can for the rollouts it
+        claimed itself and has not finished: they run, at the attempt it opened, until it finishes them (a
+        finish or cancel through another store object on the same file is seen by ``get_rollout`` only)."""
+
     def list_rollouts(
         self, status: RolloutStatus | None = None, mode: str | None = None, resources_version: int | None = None
     ) -> list[Rollout]:
@@ -64,6 +88,21 @@ class Store(Protocol):
     def add_spans(self, spans: list[Span]) -> list[Span]:
         """Record spans (one transaction); spans with ``sequence=None`` get the next numbers of their rollout.
         Returns the spans as stored (with sequences)."""
+
+    def add_spans_nowait(self, spans: list[Span]) -> bool:
+        """Record spans of running attempts without blocking, when the store can; for an event loop (the
+        gateway records every chat completion this way, so the answer never waits for a disk write).
+
+        Taken only when every span belongs to the attempt its rollout runs now (``attempt_no`` equal to the
+        rollout's ``attempt_count``), has ``sequence=None`` and, for the SQLite store, its rollout was claimed
+        through this very store object. Otherwise nothing is recorded and the answer is ``False``: call
+        :meth:`add_spans` then (it may block), after checking why.
+
+        **Durability.** Spans taken are numbered and written no later than when the next ``finish_attempt``,
+        ``cancel_rollouts``, ``add_spans``, ``get_spans``, ``integrity_check`` or ``close`` of this store
+        returns; in particular **a finished rollout's spans are all durable before the ``finish_attempt`` that
+        finished it returns**, in the same transaction. (A span that cannot be written then, e.g. attributes
+        that are not JSON, is logged as an error and left out; the memory store has nothing to write.)"""
 
     def get_spans(self, rollout_id: str, attempt_no: int | None = None) -> list[Span]:
         """Spans of a rollout ordered by (attempt, sequence); only one attempt's when ``attempt_no`` is given."""

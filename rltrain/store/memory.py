@@ -15,10 +15,11 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from collections.abc import Sequence
 
 from rltrain.store import rules
 from rltrain.store.base import StoreError, UnknownRolloutError
-from rltrain.types import Attempt, Resources, Rollout, RolloutStatus, Span
+from rltrain.types import Attempt, Resources, Rollout, RolloutStatus, Span, Task
 
 
 class MemoryStore:
@@ -28,11 +29,12 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._rollouts: dict[str, Rollout] = {}  # insertion order is creation order
         self._position: dict[str, int] = {}  # enqueue position: the claim order, kept across requeues
-        # One heap of (position, rollout_id) per (mode, batch_id), the claim filters; an emptied heap is
+        self._at_position: list[str] = []  # the rollout id at each position
+        # One heap of positions per (mode, batch_id), the claim filters; an emptied heap is
         # removed. Entries of rollouts cancelled while queued stay behind and are dropped when they reach the
         # top (cheaper than removing them from the middle of a heap).
-        self._queues: dict[tuple[str, str | None], list[tuple[int, str]]] = {}
-        self._attempts: dict[str, list[Attempt]] = {}
+        self._queues: dict[tuple[str, str | None], list[int]] = {}
+        self._attempts: dict[str, list[Attempt]] = {}  # from a rollout's first claim on
         self._spans: dict[str, list[Span]] = {}  # per rollout, ordered by (attempt_no, sequence)
         self._next_sequence: dict[str, int] = {}
         self._span_ids: set[tuple[str, str]] = set()  # (rollout_id, span_id)
@@ -52,11 +54,47 @@ class MemoryStore:
                     )
                 seen.add(rid)
             for rollout in rollouts:
-                rid = rollout.rollout_id
-                self._rollouts[rid] = rollout
-                self._position[rid] = len(self._position)
-                self._attempts[rid] = []
-                self._push(rollout)
+                self._insert([rollout.rollout_id], [rollout], (rollout.mode, rollout.batch_id))
+
+    def enqueue_tasks(
+        self,
+        tasks: Sequence[Task],
+        *,
+        mode: str = "train",
+        resources_version: int = 0,
+        batch_id: str | None = None,
+        group_size: int = 1,
+        max_attempts: int = 1,
+    ) -> list[str]:
+        batch = rules.new_batch(
+            tasks,
+            mode=mode,
+            resources_version=resources_version,
+            batch_id=batch_id,
+            group_size=group_size,
+            max_attempts=max_attempts,
+        )
+        if batch is None:
+            return []
+        rollouts = batch.rollouts()
+        with self._lock:
+            if not self._rollouts.keys().isdisjoint(batch.ids):  # 64 random bits each: a broken random source
+                repeated = next(rid for rid in batch.ids if rid in self._rollouts)
+                raise StoreError(
+                    f"new rollout_id {repeated!r} is already in the store; rollout ids must be unique"
+                )
+            self._insert(batch.ids, rollouts, (batch.template.mode, batch.template.batch_id))
+        return batch.ids
+
+    def _insert(self, ids: list[str], rollouts: list[Rollout], queue: tuple[str, str | None]) -> None:
+        """Add checked, fresh rollouts (``ids`` theirs) that all go to the claim queue ``(mode, batch_id)``
+        (lock held). Positions only grow, so each new one is larger than everything already in the queue's
+        heap, and appending them in order keeps it a heap: one ``extend``, no ``heappush`` per rollout."""
+        positions = range(len(self._at_position), len(self._at_position) + len(ids))
+        self._rollouts.update(zip(ids, rollouts))
+        self._position.update(zip(ids, positions))
+        self._at_position.extend(ids)
+        self._queues.setdefault(queue, []).extend(positions)
 
     def claim_rollout(
         self, worker_id: str, mode: str | None = None, batch_id: str | None = None
@@ -65,23 +103,23 @@ class MemoryStore:
             heap = self._oldest_queue(mode, batch_id)
             if heap is None:
                 return None
-            _, rid = heapq.heappop(heap)
+            rid = self._at_position[heapq.heappop(heap)]
             rollout, attempt = rules.claim(self._rollouts[rid], worker_id, time.time())
             self._rollouts[rid] = rollout
-            self._attempts[rid].append(attempt)
+            self._attempts.setdefault(rid, []).append(attempt)
             return rollout, attempt
 
     def _push(self, rollout: Rollout) -> None:
         queue = self._queues.setdefault((rollout.mode, rollout.batch_id), [])
-        heapq.heappush(queue, (self._position[rollout.rollout_id], rollout.rollout_id))
+        heapq.heappush(queue, self._position[rollout.rollout_id])
 
-    def _oldest_queue(self, mode: str | None, batch_id: str | None) -> list[tuple[int, str]] | None:
+    def _oldest_queue(self, mode: str | None, batch_id: str | None) -> list[int] | None:
         """The heap whose top is the oldest queued rollout matching the filters, or ``None``."""
-        best: list[tuple[int, str]] | None = None
+        best: list[int] | None = None
         for key, heap in list(self._queues.items()):
             if (mode is not None and key[0] != mode) or (batch_id is not None and key[1] != batch_id):
                 continue
-            while heap and self._rollouts[heap[0][1]].status is not RolloutStatus.QUEUED:
+            while heap and self._rollouts[self._at_position[heap[0]]].status is not RolloutStatus.QUEUED:
                 heapq.heappop(heap)
             if not heap:
                 del self._queues[key]
@@ -100,7 +138,7 @@ class MemoryStore:
     ) -> Rollout:
         with self._lock:
             rollout = self._rollout(rollout_id)
-            attempts = self._attempts[rollout_id]
+            attempts = self._attempts.get(rollout_id, [])
             attempt = attempts[attempt_no - 1] if 1 <= attempt_no <= len(attempts) else None
             rollout, closed = rules.finish(
                 rollout, attempt, attempt_no, status, reward, error, requeue, time.time()
@@ -116,7 +154,7 @@ class MemoryStore:
             targets = [self._rollout(rid) for rid in rollout_ids]
             now = time.time()
             for rollout in targets:
-                attempts = self._attempts[rollout.rollout_id]
+                attempts = self._attempts.get(rollout.rollout_id, [])
                 cancelled, closed = rules.cancel(rollout, attempts[-1] if attempts else None, now)
                 if cancelled is not None:
                     self._rollouts[rollout.rollout_id] = cancelled
@@ -126,6 +164,10 @@ class MemoryStore:
     def get_rollout(self, rollout_id: str) -> Rollout:
         with self._lock:
             return self._rollout(rollout_id)
+
+    def get_rollout_nowait(self, rollout_id: str) -> Rollout | None:
+        with self._lock:
+            return self._rollouts.get(rollout_id)
 
     def list_rollouts(
         self,
@@ -145,7 +187,7 @@ class MemoryStore:
     def get_attempts(self, rollout_id: str) -> list[Attempt]:
         with self._lock:
             self._rollout(rollout_id)
-            return list(self._attempts[rollout_id])
+            return list(self._attempts.get(rollout_id, []))
 
     def _rollout(self, rollout_id: str) -> Rollout:
         try:
@@ -156,36 +198,54 @@ class MemoryStore:
     # -- spans ----------------------------------------------------------------------------------------
     def add_spans(self, spans: list[Span]) -> list[Span]:
         with self._lock:
-            next_free: dict[str, int] = {}
+            return self._add_spans(spans)
+
+    def add_spans_nowait(self, spans: list[Span]) -> bool:
+        with self._lock:
             for span in spans:
-                if span.rollout_id not in next_free:
-                    self._rollout(span.rollout_id)
-                    next_free[span.rollout_id] = self._next_sequence.get(span.rollout_id, 0)
-            numbers = rules.assign_sequences(spans, next_free)
-            batch_ids: set[tuple[str, str]] = set()
-            batch_keys: set[tuple[str, int, int]] = set()
-            for span, number in zip(spans, numbers):
-                span_key = (span.rollout_id, span.span_id)
-                key = (span.rollout_id, span.attempt_no, number)
-                if span_key in self._span_ids or span_key in batch_ids:
-                    raise StoreError(
-                        f"rollout {span.rollout_id} already has a span with span_id {span.span_id!r}; "
-                        "span ids must be unique within a rollout"
-                    )
-                if key in self._span_keys or key in batch_keys:
-                    raise StoreError(
-                        f"rollout {span.rollout_id} attempt {span.attempt_no} already has a span with "
-                        f"sequence {number}"
-                    )
-                batch_ids.add(span_key)
-                batch_keys.add(key)
-            for span, number in zip(spans, numbers):
-                span.sequence = number
-                rules.insert_span(self._spans.setdefault(span.rollout_id, []), span)
-            self._span_ids |= batch_ids
-            self._span_keys |= batch_keys
-            self._next_sequence.update(next_free)
-            return spans
+                rollout = self._rollouts.get(span.rollout_id)
+                if (
+                    rollout is None
+                    or rollout.status is not RolloutStatus.RUNNING
+                    or rollout.attempt_count != span.attempt_no
+                    or span.sequence is not None
+                ):
+                    return False
+            self._add_spans(spans)
+            return True
+
+    def _add_spans(self, spans: list[Span]) -> list[Span]:
+        """``add_spans`` with the lock held."""
+        next_free: dict[str, int] = {}
+        for span in spans:
+            if span.rollout_id not in next_free:
+                self._rollout(span.rollout_id)
+                next_free[span.rollout_id] = self._next_sequence.get(span.rollout_id, 0)
+        numbers = rules.assign_sequences(spans, next_free)
+        batch_ids: set[tuple[str, str]] = set()
+        batch_keys: set[tuple[str, int, int]] = set()
+        for span, number in zip(spans, numbers):
+            span_key = (span.rollout_id, span.span_id)
+            key = (span.rollout_id, span.attempt_no, number)
+            if span_key in self._span_ids or span_key in batch_ids:
+                raise StoreError(
+                    f"rollout {span.rollout_id} already has a span with span_id {span.span_id!r}; "
+                    "span ids must be unique within a rollout"
+                )
+            if key in self._span_keys or key in batch_keys:
+                raise StoreError(
+                    f"rollout {span.rollout_id} attempt {span.attempt_no} already has a span with "
+                    f"sequence {number}"
+                )
+            batch_ids.add(span_key)
+            batch_keys.add(key)
+        for span, number in zip(spans, numbers):
+            span.sequence = number
+            rules.insert_span(self._spans.setdefault(span.rollout_id, []), span)
+        self._span_ids |= batch_ids
+        self._span_keys |= batch_keys
+        self._next_sequence.update(next_free)
+        return spans
 
     def get_spans(self, rollout_id: str, attempt_no: int | None = None) -> list[Span]:
         with self._lock:

@@ -1,5 +1,5 @@
-"""The rules every store shares, as pure functions: the rollout state machine and what a resources record
-may contain when stored.
+"""The rules every store shares, as pure functions: the rollout state machine, what a batch of new rollouts
+is (``enqueue_tasks``) and what a resources record may contain when stored.
 
 Both stores load a rollout (and its open attempt), call one of these functions and write back what it returns.
 Keeping the rules here, away from storage, means the in-memory store used by tests and the durable SQLite
@@ -13,10 +13,14 @@ store has already handed out keeps describing the moment it was handed out.
 from __future__ import annotations
 
 import math
+import os
+import time
 from bisect import insort
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from rltrain.store.base import StoreError
-from rltrain.types import Attempt, Resources, Rollout, RolloutStatus, Span
+from rltrain.types import Attempt, Resources, Rollout, RolloutStatus, Span, Task
 
 #: Attempt outcomes after which a rollout may be tried again (a success or a cancel is never retried).
 RETRYABLE = frozenset({RolloutStatus.FAILED, RolloutStatus.TIMED_OUT})
@@ -29,6 +33,92 @@ def check_enqueueable(rollout: Rollout) -> None:
             f"rollout {rollout.rollout_id}: enqueue expects status 'queued' with attempt_count 0, "
             f"got status {rollout.status.value!r} with attempt_count {rollout.attempt_count}"
         )
+
+
+def new_rollout_ids(n: int) -> list[str]:
+    """``n`` unguessable rollout ids (``ro-`` and 16 hex digits: 64 random bits), from one ``os.urandom`` read.
+
+    Unguessable because a rollout id is in the base URL an agent is lent (``/rollouts/<id>/...``), and that URL
+    is all the gateway asks of a call that records into the rollout: ids from a counter would let one agent
+    compute its neighbours' URLs and write into their spans. One read for the whole batch costs about 0.13 µs
+    an id, against 0.65 µs for ``secrets.token_hex`` per id.
+    """
+    digits = os.urandom(8 * n).hex()
+    return [f"ro-{digits[i : i + 16]}" for i in range(0, 16 * n, 16)]
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """The rollouts ``enqueue_tasks`` adds, before a store keeps them in its own form.
+
+    Rollouts of one task form one group: ``group_id`` is ``"{task.id}@{batch_id}"`` (``None`` without a batch,
+    and grouping then falls back to the task id). All of them share one ``created_at``, the enqueue time.
+
+    Why not ``Rollout(...)`` per rollout: pydantic validation costs about 2 µs a rollout, half of enqueueing
+    one. Here the fields the batch shares are validated once, in ``template``, and each rollout differs from it
+    only in its id, its task (a ``Task`` record, validated when it was made) and its group: the SQLite store
+    writes rows from that directly, the memory store makes records with :meth:`rollouts`.
+    """
+
+    template: Rollout  # the shared fields, validated; its own id, task and group are not used
+    #: per rollout, in order: its id, its task (each task repeats group_size times), its group
+    ids: list[str]
+    tasks: Sequence[Task]
+    group_ids: Sequence[str | None]
+
+    def rollouts(self) -> list[Rollout]:
+        """The rollouts as records, made the way ``Rollout.model_construct`` makes one (its four slots set
+        directly; every value is already valid): 0.7 µs a rollout. ``model_construct`` itself is no help, as it
+        resolves every field's default in Python (4 to 7 µs a rollout)."""
+        values = self.template.__dict__
+        made = []
+        for rollout_id, task, group_id in zip(self.ids, self.tasks, self.group_ids):
+            fields = values.copy()
+            fields["rollout_id"], fields["task"], fields["group_id"] = rollout_id, task, group_id
+            rollout = Rollout.__new__(Rollout)
+            _set(rollout, "__dict__", fields)
+            _set(rollout, "__pydantic_fields_set__", set(_BATCH_FIELDS_SET))
+            _set(rollout, "__pydantic_extra__", None)
+            _set(rollout, "__pydantic_private__", None)
+            made.append(rollout)
+        return made
+
+
+_set = object.__setattr__
+#: what pydantic records as explicitly set on a rollout of a NewBatch (``model_fields_set``)
+_BATCH_FIELDS_SET = frozenset(
+    {"rollout_id", "task", "mode", "resources_version", "batch_id", "group_id", "max_attempts", "created_at"}
+)
+
+
+def new_batch(
+    tasks: Sequence[Task],
+    *,
+    mode: str,
+    resources_version: int,
+    batch_id: str | None,
+    group_size: int,
+    max_attempts: int,
+) -> NewBatch | None:
+    """``group_size`` new queued rollouts per task, in task order (``None`` for no tasks)."""
+    if group_size < 1:
+        raise StoreError(f"enqueue_tasks: group_size must be >= 1, got {group_size}")
+    for index, task in enumerate(tasks):
+        if not isinstance(task, Task):
+            raise StoreError(f"enqueue_tasks: tasks[{index}] must be a Task, got {type(task).__name__}")
+    if not tasks:
+        return None
+    template = Rollout(
+        task=tasks[0],
+        mode=mode,
+        resources_version=resources_version,
+        batch_id=batch_id,
+        max_attempts=max_attempts,
+        created_at=time.time(),
+    )
+    members = tasks if group_size == 1 else [task for task in tasks for _ in range(group_size)]
+    group_ids = [None] * len(members) if batch_id is None else [f"{task.id}@{batch_id}" for task in members]
+    return NewBatch(template, new_rollout_ids(len(members)), members, group_ids)
 
 
 def claim(rollout: Rollout, worker_id: str, now: float) -> tuple[Rollout, Attempt]:
