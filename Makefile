@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/rltrain model prepare
 	touch $(STAMP)
 
-# The main job on the embedded default: SmolLM2-135M-Instruct on CPU, room selection.
+# The main job on the embedded default: SmolLM2-135M-Instruct on CPU, room selection: validate, warm-start the
+# LoRA adapter on the solver teacher's demonstrations, validate again (a before/after table, a few minutes).
 demo: install
-	$(BIN)/rltrain eval recipes/room_selection_eval.yaml
+	$(BIN)/rltrain train recipes/room_selection_demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

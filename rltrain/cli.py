@@ -300,7 +300,13 @@ def _quiet_http_clients(record: logging.LogRecord) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
     from rich.logging import RichHandler
+
+    # transformers' deprecation notices are about its own internals (TRL and PEFT call the old names); they would
+    # bury the progress bars and say nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
     handler = RichHandler(show_path=False, rich_tracebacks=True)
     if not args.verbose:

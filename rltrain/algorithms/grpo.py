@@ -303,7 +303,7 @@ def grpo_config(rl: RLTrainer, section: RLSection, **fields: Any) -> GRPOConfig:
         lr_scheduler_type=section.lr_scheduler_type,
         warmup_steps=section.warmup_steps,
         max_grad_norm=section.max_grad_norm,
-        gradient_checkpointing=section.gradient_checkpointing,
+        activation_checkpointing=section.gradient_checkpointing,
         loss_type=section.loss_type,
         beta=section.beta,
         epsilon=section.epsilon,

@@ -207,7 +207,7 @@ def build_sft_trainer(
         use_cpu=on_cpu,
         bf16=not on_cpu and param.dtype == torch.bfloat16,
         fp16=not on_cpu and param.dtype == torch.float16,
-        gradient_checkpointing=not on_cpu,  # memory is what matters on GPU-sized models, speed on CPU
+        activation_checkpointing=not on_cpu,  # memory is what matters on GPU-sized models, speed on CPU
         seed=seed,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
