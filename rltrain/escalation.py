@@ -13,6 +13,7 @@ already in ``ladder.json`` are kept, APO resumes from its last round and RL from
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -56,6 +57,7 @@ class LadderResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     recipe: str
+    fingerprint: str = Field(description="Hash of the resolved recipe, so a changed recipe never continues a climb.")
     target: float
     rungs: list[RungResult] = Field(default_factory=list)
     reached: str | None = Field(default=None, description="The rung that reached the target, if one did.")
@@ -101,8 +103,14 @@ class Ladder:
         self.root.mkdir(parents=True, exist_ok=True)
         self.target = recipe.escalate.target if recipe.escalate is not None else 1.0
         path = self.root / "ladder.json"
+        fingerprint = hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16]
         self.result = (LadderResult.model_validate_json(path.read_text()) if path.exists()
-                       else LadderResult(recipe=recipe.name, target=self.target))
+                       else LadderResult(recipe=recipe.name, fingerprint=fingerprint, target=self.target))
+        if self.result.fingerprint != fingerprint:
+            raise EscalationError(
+                f"{path} was written by a different recipe; a climb continues only with the recipe that started "
+                "it. Give this one another name (--name) or remove that run directory"
+            )
 
     def _sub_recipe(self, stage: str, **update: object) -> Recipe:
         return self.recipe.model_copy(update={"name": stage, "output_dir": str(self.root), **update})

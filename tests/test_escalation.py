@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from scripted_llm import ScriptedLLM
 
 from rltrain.cli import main
 from rltrain.envs.room_selection.prompts import INLINE_PROMPTS
-from rltrain.escalation import LadderResult, escalate
+from rltrain.escalation import EscalationError, LadderResult, escalate
 from rltrain.recipes import parse_recipe
 
 SEED = INLINE_PROMPTS["user"].template
@@ -43,6 +44,11 @@ def test_the_whole_ladder_runs_and_is_reported(tmp_path: Path, tiny_model_dir: P
     with ScriptedLLM("Say that only passing rooms count.", EDITS) as llm:
         recipe = ladder_recipe(tmp_path, tiny_model_dir, llm.url)
         result = escalate(recipe, progress=False)
+        served = len(llm.requests)
+        # running the command again continues: nothing is redone or counted twice
+        again = escalate(ladder_recipe(tmp_path, tiny_model_dir, llm.url), progress=False)
+        assert len(llm.requests) == served
+    assert again == result
     run = tmp_path / "ladder"
     assert [r.name for r in result.rungs] == ["baseline", "apo", "warm_start", "grpo"]
     assert result.reached is None  # a random tiny model does not reach 1.0
@@ -62,11 +68,10 @@ def test_the_whole_ladder_runs_and_is_reported(tmp_path: Path, tiny_model_dir: P
         assert name in report
     assert (run / "report.png").stat().st_size > 0
 
-    # running the command again continues: nothing is redone or counted twice
-    with ScriptedLLM("unused", EDITS) as llm:
-        again = escalate(ladder_recipe(tmp_path, tiny_model_dir, llm.url), progress=False)
-        assert llm.requests == []
-    assert again == result
+    # a climb continues only with the recipe that started it
+    changed = ladder_recipe(tmp_path, tiny_model_dir, "http://127.0.0.1:9/v1", escalate={"target": 0.5})
+    with pytest.raises(EscalationError, match="different recipe"):
+        escalate(changed, progress=False)
 
 
 def test_climb_stops_at_the_first_rung_that_reaches_the_target(tmp_path: Path, tiny_model_dir: Path) -> None:

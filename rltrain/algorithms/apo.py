@@ -152,11 +152,15 @@ class BeamSearch:
         val_tasks = self._tasks(val_spec, "apo.val_tasks" if config.val_tasks else "data.val")
         self.val_batch = random.Random(rl.recipe.seed).sample(val_tasks, min(config.val_batch_size, len(val_tasks)))
         self.candidates: dict[str, Candidate] = {}
-        self.ledger = UsageLedger()
         self.critic = ChatLLM(config.gradient_model, stack.url, stack.model_name)
-        self.critic.usage = self.ledger.stage(GRADIENT_STAGE, self.critic.model)
         self.editor = ChatLLM(config.apply_edit_model, stack.url, stack.model_name)
-        self.editor.usage = self.ledger.stage(EDIT_STAGE, self.editor.model)
+        self._charge_to(UsageLedger())
+
+    def _charge_to(self, ledger: UsageLedger) -> None:
+        """Count the critic's and editor's tokens in ``ledger`` (a fresh one, or one restored from disk)."""
+        self.ledger = ledger
+        self.critic.usage = ledger.stage(GRADIENT_STAGE, self.critic.model)
+        self.editor.usage = ledger.stage(EDIT_STAGE, self.editor.model)
 
     def _tasks(self, spec: str | None, field: str) -> list[Task]:
         if spec is None:
@@ -187,22 +191,19 @@ class BeamSearch:
             history.unlink(missing_ok=True)
             return None
         state = APOState.model_validate_json(state_path.read_text())
+        lines = [line for line in (history.read_text().splitlines() if history.exists() else []) if line.strip()]
         kept = []
-        for line in history.read_text().splitlines() if history.exists() else []:
-            if not line.strip():
-                continue
+        for line in lines:
             try:
                 candidate = Candidate.model_validate_json(line)
             except ValueError:
                 continue  # a torn last line of a killed process
             if candidate.round <= state.round_done:
                 kept.append(candidate)
-        dropped = (len(history.read_text().splitlines()) if history.exists() else 0) - len(kept)
+        dropped = len(lines) - len(kept)
         history.write_text("".join(c.model_dump_json() + "\n" for c in kept))
         self.candidates = {c.id: c for c in kept}
-        self.ledger = UsageLedger.from_dict(state.usage)  # type: ignore[arg-type]
-        self.critic.usage = self.ledger.stage(GRADIENT_STAGE, self.critic.model)
-        self.editor.usage = self.ledger.stage(EDIT_STAGE, self.editor.model)
+        self._charge_to(UsageLedger.from_dict(state.usage))  # type: ignore[arg-type]
         logger.info("APO: resuming after round %d (%d candidates kept, %d lines of the unfinished round dropped)",
                     state.round_done, len(kept), dropped)
         return state

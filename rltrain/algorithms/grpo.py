@@ -117,6 +117,13 @@ class RolloutDriver:
         self.metrics.write({"event": "rollouts", **samples.metrics}, step=version)
         return out
 
+    no_signal_reason = "every group has equal rewards"
+
+    def no_signal(self, rewards: list[float], every_group_flat: bool) -> bool:
+        """Whether a step's rewards cannot move the policy: for GRPO, when every group's rewards are equal
+        (group-relative advantages are all zero)."""
+        return every_group_flat
+
     def _groups(self, prompts: list[Any]) -> list[tuple[Task, int]]:
         """Consecutive equal task ids form one group (that is how TRL's RepeatSampler orders them)."""
         groups: list[tuple[Task, int]] = []
@@ -162,10 +169,10 @@ class RolloutDriver:
         warning = collapse_warning(dist)
         if warning:
             logger.warning("step %d: %s", version, warning)
-        if adv.no_signal:
+        if self.no_signal(rewards, adv.no_signal):
             logger.warning(
-                "step %d: every group has equal rewards, so this step has no learning signal; consider a warm "
-                "start, a higher sampling temperature, more generations or algorithm.resample_zero_std", version
+                "step %d: %s, so this step has no learning signal; consider a warm start, a higher sampling "
+                "temperature, more generations or algorithm.resample_zero_std", version, self.no_signal_reason
             )
         metrics: dict[str, Any] = {
             **stats.as_metrics(),

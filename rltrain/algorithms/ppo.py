@@ -62,6 +62,13 @@ class PPODriver(RolloutDriver):
         self.ppo: PPOSection = self.section
         self._token_rewards: list[list[float]] | None = None
 
+    no_signal_reason = "every rollout of the step earned the same reward"
+
+    def no_signal(self, rewards: list[float], every_group_flat: bool) -> bool:
+        """PPO's baseline is the critic, not the group: equal rewards within groups still teach it, unless the
+        whole step's rewards are equal."""
+        return len(set(rewards)) <= 1
+
     def sample(self, groups: list[tuple[Task, int]], resources: Resources, version: int) -> StepSamples:
         samples = super().sample(groups, resources, version)
         self.place_rewards(samples)
