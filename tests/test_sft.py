@@ -211,3 +211,19 @@ def test_recipe_sections_for_the_warm_start() -> None:
         parse_recipe({"algorithm": {"name": "dpo"}})
     with pytest.raises(RecipeError, match="remove warm_start"):
         parse_recipe({"algorithm": {"name": "sft"}, "warm_start": {}})
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_training_progress_shows_a_bar_and_prints_no_log_dicts(tmp_path: Path, tiny_model_dir: Path,
+                                                               progress: bool) -> None:
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+
+    from rltrain.algorithms.progress import StepProgress, quiet_progress
+
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                                          disable_tqdm=not progress))
+    quiet_progress(trainer)
+    kinds = [type(cb) for cb in trainer.callback_handler.callbacks]
+    assert PrinterCallback not in kinds and ProgressCallback not in kinds
+    assert (StepProgress in kinds) is progress

@@ -19,12 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from transformers import PrinterCallback, TrainerCallback, TrainerControl, TrainerState
+from transformers import TrainerCallback, TrainerControl, TrainerState
 from trl import GRPOConfig, GRPOTrainer
 
 from rltrain.adapters.advantages import answer_distribution, collapse_warning, group_advantages
 from rltrain.adapters.trajectories import TrajectoryAdapter
 from rltrain.agent import Agent
+from rltrain.algorithms.progress import quiet_progress
 from rltrain.algorithms.run_state import (
     accuracies,
     keep_if_best,
@@ -398,7 +399,7 @@ def train_with_rollouts(
         attach_weight_sync(recipe, stack.engine, trl_trainer)  # vLLM: policy-v{step} before validating a step
         callback = _RunCallback(rl, stack, section, trl_trainer.model)
         trl_trainer.add_callback(callback)
-        trl_trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl, not stdout
+        quiet_progress(trl_trainer)  # logs go to metrics.jsonl, not stdout
         if warm is not None and warm.fresh:  # the warm start validated the base model; now its adapter
             after_warm = callback.validate(0, label="warm_start")
             logger.info("after the warm start: %s", accuracies(after_warm))

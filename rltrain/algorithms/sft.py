@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers import PrinterCallback, TrainerCallback, TrainerControl, TrainerState
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from rltrain.adapters.advantages import answer_distribution
 from rltrain.adapters.trajectories import TrajectoryAdapter
+from rltrain.algorithms.progress import quiet_progress
 from rltrain.algorithms.run_state import accuracies, keep_if_best, settle_interrupted
 from rltrain.metrics import EvalSummary, MetricsWriter, peak_rss_mb, plot_run, rewrite_metrics
 from rltrain.recipes import LoraConfig, SFTSection, WarmStartConfig
@@ -231,7 +232,7 @@ def build_sft_trainer(
         processing_class=tokenizer,
         peft_config=None if is_peft_model(model) else lora.to_peft(),
     )
-    trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl, not stdout
+    quiet_progress(trainer)  # logs go to metrics.jsonl, not stdout
     return trainer, data_metrics
 
 
