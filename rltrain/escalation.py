@@ -57,7 +57,9 @@ class LadderResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     recipe: str
-    fingerprint: str = Field(description="Hash of the resolved recipe, so a changed recipe never continues a climb.")
+    fingerprint: str = Field(
+        default="", description="Hash of the resolved recipe, so a changed recipe never continues a climb."
+    )
     target: float
     rungs: list[RungResult] = Field(default_factory=list)
     reached: str | None = Field(default=None, description="The rung that reached the target, if one did.")
@@ -79,6 +81,12 @@ def _tokens_between(store: Store, start: float, end: float) -> int:
                     usage = span.attributes.get("usage", {})
                     total += int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
     return total
+
+
+def _first_time(run_dir: Path) -> float | None:
+    """When the sub-run wrote its first metric line (the start of its first stage)."""
+    times = [r["time"] for r in read_metrics(run_dir / "metrics.jsonl") if "time" in r]
+    return min(times) if times else None
 
 
 def _event_time(run_dir: Path, event: str) -> float | None:
@@ -195,24 +203,25 @@ class Ladder:
         rl_dir = self.root / "rl"
         resume = (rl_dir / "checkpoints").exists() or (rl_dir / "warm_start").exists()
         rl = Trainer(self._sub_recipe("rl", apo=None, prompts=prompts), progress=self.progress)
-        started = time.time()
         try:
             final = rl.fit(resume=resume, stop_at=self.target)
             ended = time.time()
+            # Rung boundaries come from the sub-run's metrics and the store, not from this process's clock, so a
+            # climb resumed after a crash still counts the tokens and time of the stages done before it.
+            started = _first_time(rl_dir) or ended
             boundary = _event_time(rl_dir, "warm_start") if self.recipe.warm_start is not None else None
             if boundary is not None and self.result.rung("warm_start") is None:
                 warm = [EvalSummary.model_validate(s)
                         for s in json.loads((rl_dir / "eval" / "warm_start.json").read_text())]
-                rung = RungResult(name="warm_start", summaries=warm, wall_s=max(boundary - started, 0.0),
+                rung = RungResult(name="warm_start", summaries=warm, wall_s=boundary - started,
                                   agent_tokens=_tokens_between(rl.store, started, boundary))
                 if self._record(rung):
                     return
-            begin = max(boundary, started) if boundary is not None else started  # a warm start resumed from disk
+            begin = boundary if boundary is not None else started
             self._record(RungResult(name=section.name, summaries=final, wall_s=ended - begin,
                                     agent_tokens=_tokens_between(rl.store, begin, ended + 1)))
         finally:
             rl.close()
-
 
 def escalate(recipe: Recipe, progress: bool = True) -> LadderResult:
     """Climb the ladder the recipe describes (see the module docstring); returns what ``ladder.json`` holds."""

@@ -77,9 +77,10 @@ class UsageLedger:
 
 
 class ChatLLM:
-    """One endpoint and model; ``complete`` returns the reply text and charges ``usage``."""
+    """One endpoint and model; ``complete`` returns the reply text and charges ``usage`` (its own tally until a
+    caller points it at a ledger's stage)."""
 
-    def __init__(self, config: LLMEndpointConfig, local_url: str, local_model: str, usage: Usage | None = None) -> None:
+    def __init__(self, config: LLMEndpointConfig, local_url: str, local_model: str) -> None:
         """``local_url``/``local_model`` are the run's own gateway and model, used when the config names none."""
         from openai import OpenAI
 
@@ -93,7 +94,7 @@ class ChatLLM:
                 raise LLMEndpointError(
                     f"api_key_env names {config.api_key_env!r}, but that environment variable is not set"
                 )
-        self.usage = usage if usage is not None else Usage(model=self.model)
+        self.usage = Usage(model=self.model)
         self._client = OpenAI(base_url=self.base_url, api_key=api_key, timeout=config.timeout_s, max_retries=2)
 
     def complete(self, messages: list[dict[str, str]], seed: int | None = None) -> str:
