@@ -9,27 +9,15 @@ from typing import Any
 
 import pytest
 import trl
+import weather_tool
 from transformers import AutoTokenizer
 
 from rltrain.gateway.chat_format import ChatFormat, ChatFormatError
 from rltrain.gateway.schemas import ChatMessage, ToolSpec
 from rltrain.gateway.tool_calls import parse_tool_calls
 
-WEATHER_TOOL = ToolSpec.model_validate(
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather of a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-)
-CALL_BLOCK = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+WEATHER_TOOL = ToolSpec.model_validate(weather_tool.WEATHER_TOOL)
+CALL_BLOCK = weather_tool.CALL_BLOCK
 
 #: ChatML, but refusing any role other than system/user/assistant (as many templates do)
 STRICT_ROLES_TEMPLATE = (

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from weather_tool import WEATHER_TOOL
 
 from rltrain.engines.base import Completion, GenerationRequest, GenerationResult
 from rltrain.engines.transformers import TransformersEngine
@@ -36,20 +37,7 @@ from rltrain.store.memory import MemoryStore
 from rltrain.store.sqlite import SqliteStore
 from rltrain.types import LLMCallRecord, Rollout, RolloutStatus, SpanKind, Task
 
-WEATHER_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather of a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+WEATHER_TOOLS = [WEATHER_TOOL]
 #: what the scripted model "writes": compact JSON, unlike the fallback's rendering of a tool call, so reusing a
 #: turn only works if the gateway renders its own earlier messages from their raw text
 CALL_TEXT = '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>'

@@ -13,6 +13,7 @@ from typing import Any
 
 import openai
 import pytest
+from weather_tool import WEATHER_TOOL
 
 from rltrain.adapters.trajectories import TrajectoryAdapter
 from rltrain.engines.transformers import TransformersEngine
@@ -25,14 +26,6 @@ QUESTION = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "Which room is free?"},
 ]
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 
 
 @pytest.fixture(scope="module")

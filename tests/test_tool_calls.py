@@ -6,14 +6,13 @@ import json
 
 from hypothesis import given
 from hypothesis import strategies as st
+from weather_tool import CALL_BLOCK
 
 from rltrain.gateway.tool_calls import ToolCall, format_tool_call, parse_tool_calls
 
-WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-
 
 def test_one_block_becomes_one_openai_tool_call() -> None:
-    parsed = parse_tool_calls(WEATHER, allowed_names={"get_weather"})
+    parsed = parse_tool_calls(CALL_BLOCK, allowed_names={"get_weather"})
     assert parsed.error is None
     assert parsed.content is None
     [call] = parsed.tool_calls
@@ -26,7 +25,7 @@ def test_one_block_becomes_one_openai_tool_call() -> None:
 
 
 def test_several_blocks_and_surrounding_text() -> None:
-    text = f'Let me check.\n{WEATHER}\n<tool_call>{{"name": "get_time", "arguments": {{}}}}</tool_call>'
+    text = f'Let me check.\n{CALL_BLOCK}\n<tool_call>{{"name": "get_time", "arguments": {{}}}}</tool_call>'
     parsed = parse_tool_calls(text, allowed_names={"get_weather", "get_time"})
     assert parsed.error is None
     assert [call.name for call in parsed.tool_calls] == ["get_weather", "get_time"]
@@ -77,7 +76,7 @@ def test_block_that_is_not_an_object() -> None:
 
 
 def test_unknown_tool_name_is_an_error() -> None:
-    _assert_kept_as_text(WEATHER, "unknown tool 'get_weather'", allowed={"get_time"})
+    _assert_kept_as_text(CALL_BLOCK, "unknown tool 'get_weather'", allowed={"get_time"})
 
 
 def test_unclosed_block_is_an_error() -> None:
@@ -86,7 +85,7 @@ def test_unclosed_block_is_an_error() -> None:
 
 def test_one_bad_block_keeps_all_as_text() -> None:
     """All or nothing: a half-executed plan would be worse than a visible error."""
-    text = WEATHER + '<tool_call>{"name": 3}</tool_call>'
+    text = CALL_BLOCK + '<tool_call>{"name": 3}</tool_call>'
     _assert_kept_as_text(text, "tool call 2:", allowed={"get_weather"})
 
 
