@@ -225,6 +225,12 @@ class RLSection(_Section):
     train_tag: str | None = Field(
         default=None, description="Train only llm calls carrying this tag (multi-agent programs)."
     )
+    micro_batch_size: int | None = Field(
+        default=None, ge=1,
+        description="Rows per forward/backward pass; the step's tasks_per_step x num_generations rows are "
+        "accumulated into one optimiser step (TRL: per_device_train_batch_size x gradient_accumulation_steps). "
+        "Peak memory follows this, not the step's size. None = all rows at once.",
+    )
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in backward (less memory, ~30% slower); GPU-sized models."
     )
@@ -252,6 +258,19 @@ class RLSection(_Section):
         default=None, ge=0, description="Lower bound of the importance ratio (TRL's C_min; None = none)."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.tasks_per_step * self.num_generations
+
+    @model_validator(mode="after")
+    def _check_micro_batch(self) -> RLSection:
+        if self.micro_batch_size is not None and self.rows_per_step % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size={self.micro_batch_size} must divide the step's rows, tasks_per_step x "
+                f"num_generations = {self.rows_per_step}"
+            )
+        return self
 
 
 class GRPOSection(RLSection):

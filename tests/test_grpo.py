@@ -110,3 +110,30 @@ def test_zero_signal_step_is_reported(tmp_path: Path, tiny_model_dir: Path, capl
     [rollouts] = [r for r in read_metrics(tmp_path / "grpo-tiny" / "metrics.jsonl") if r.get("event") == "rollouts"]
     assert rollouts["train/frac_zero_std_groups"] == 1.0
     assert "no learning signal" in caplog.text
+
+
+def test_micro_batches_accumulate_into_one_step_per_generation(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """8 rows a step in micro-batches of 4: one sampling round and one optimiser step per step, not two."""
+    recipe = grpo_recipe(tmp_path, tiny_model_dir, max_steps=2)
+    recipe.algorithm = recipe.algorithm.model_copy(update={"micro_batch_size": 4})
+    trainer = Trainer(recipe, progress=False)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    run = tmp_path / "grpo-tiny"
+    args = torch.load(run / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 2)
+    records = read_metrics(run / "metrics.jsonl")
+    rollouts = [r for r in records if r.get("event") == "rollouts"]
+    assert [(r["step"], r["rollouts/succeeded"]) for r in rollouts] == [(0, 8), (1, 8)]
+    assert len([r for r in records if r.get("event") == "train" and "loss" in r]) == 2
+    w1, w2 = (lora_weights(run / "checkpoints" / f"checkpoint-{n}") for n in (1, 2))
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_micro_batch_must_divide_the_step(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = grpo_recipe(tmp_path, tiny_model_dir, max_steps=1).model_dump()
+    recipe["algorithm"]["micro_batch_size"] = 3
+    with pytest.raises(ValueError, match=r"micro_batch_size=3 must divide .* = 8"):
+        parse_recipe(recipe)

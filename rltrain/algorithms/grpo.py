@@ -297,6 +297,7 @@ def grpo_config(rl: RLTrainer, section: RLSection, **fields: Any) -> GRPOConfig:
     recipe = rl.recipe
     sampling = recipe.sampling.train
     on_cpu = recipe.model.device == "cpu"
+    micro = section.micro_batch_size or section.rows_per_step
     return GRPOConfig(
         output_dir=str(rl.run_dir / "checkpoints"),
         use_cpu=on_cpu,
@@ -304,8 +305,8 @@ def grpo_config(rl: RLTrainer, section: RLSection, **fields: Any) -> GRPOConfig:
         fp16=not on_cpu and recipe.model.dtype == "float16",
         seed=recipe.seed,
         max_steps=section.max_steps,
-        per_device_train_batch_size=section.tasks_per_step * section.num_generations,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=section.rows_per_step // micro,
         num_generations=section.num_generations,
         learning_rate=section.learning_rate,
         lr_scheduler_type=section.lr_scheduler_type,
