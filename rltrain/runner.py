@@ -119,13 +119,16 @@ class RunResult:
 
 
 class Runner:
-    """Runs an agent over tasks against the gateway at ``gateway_url``, recording everything in ``store``."""
+    """Runs an agent over tasks against the gateway at ``gateway_url``, recording everything in ``store``.
+
+    ``gateway_url`` is None for agents that call no model (``needs_llm=False``, e.g. a solver teacher): they get
+    the resources as given, with no per-rollout endpoint."""
 
     def __init__(
         self,
         store: Store,
         agent: Agent,
-        gateway_url: str,
+        gateway_url: str | None,
         config: RunnerConfig,
         on_finished: Callable[[Rollout], None] | None = None,
         progress: bool = True,
@@ -196,7 +199,8 @@ class Runner:
     ) -> Rollout | None:
         """One attempt; returns the finished rollout, or None when it was re-queued for another attempt."""
         ctx = RolloutContext(rollout.rollout_id, attempt_no, self.store)
-        lent = resources.for_rollout(self.gateway_url, rollout.rollout_id, attempt_no)
+        lent = (resources if self.gateway_url is None
+                else resources.for_rollout(self.gateway_url, rollout.rollout_id, attempt_no))
         reward: float | None = None
         error: str | None = None
         status = RolloutStatus.SUCCEEDED

@@ -125,7 +125,7 @@ class Trainer:
         critic reads). Nothing is written besides the store's records."""
         agent = agent or self.env.agent(self.recipe.env.mode)
         model_name = stack.model_name if stack is not None else self.recipe.model.name
-        url = stack.url if stack is not None else "http://unused"
+        url = stack.url if stack is not None else None
         resources = self.resources(model_name, self.recipe.sampling.eval, prompts=prompts)
         runner = Runner(self.store, agent, url, self.recipe.runner, progress=self.progress,
                         on_finished=stack.release if stack is not None else None)

@@ -57,6 +57,21 @@ def test_rewards_and_resources_reach_the_agent(store) -> None:
     assert [(s.kind, s.attributes["result"]) for s in spans] == [(SpanKind.TOOL, 6)]
 
 
+def test_without_a_gateway_the_agent_gets_the_resources_as_given(store) -> None:
+    """Agents that call no model (a solver teacher) run with no gateway: no per-rollout URL is invented."""
+    seen = []
+
+    @rollout(needs_llm=False)
+    def solver(task, resources):
+        seen.append(resources.llm.base_url)
+        return 1.0
+
+    runner = Runner(store, solver, None, RunnerConfig(), progress=False)
+    result = asyncio.run(runner.run(tasks(2), RESOURCES, mode="eval"))
+    assert [r.reward for r in result.rollouts] == [1.0, 1.0]
+    assert seen == ["", ""]
+
+
 def test_emitted_reward_used_when_agent_returns_none(store) -> None:
     @rollout
     async def agent(task, resources):
