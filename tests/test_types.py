@@ -1,4 +1,5 @@
-"""``new_id``: ids keep their shape and stay unique across threads and forked processes."""
+"""``new_id``: ids keep their shape and stay unique across threads and forked processes. ``Task``: a plain
+dataclass that checks its own fields, and that pydantic validates and serialises like a model as a field."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import re
 import threading
 
 import pytest
+from pydantic import ValidationError
 
-from rltrain.types import new_id
+from rltrain.types import Rollout, Task, new_id
 
 ID_SHAPE = re.compile(r"^sp-[0-9a-f]{16}$")
 
@@ -47,3 +49,58 @@ def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
     os.waitpid(pid, 0)
     assert len(child_ids) == 100
     assert not parent_ids & child_ids
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"id": 7, "payload": {}}, "Task.id must be a str, got int: 7"),
+        (
+            {"id": "t1", "payload": ["a"]},
+            "Task.payload of task 't1' must be a dict (a JSON object), got list: ['a']",
+        ),
+        (
+            {"id": "t1", "payload": {"a": 1, 2: "b"}},
+            "Task.payload of task 't1' must have str keys (a JSON object's), got int key 2",
+        ),
+    ],
+)
+def test_a_malformed_task_is_refused_naming_the_field_and_value(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TypeError) as caught:
+        Task(**fields)  # type: ignore[arg-type]
+    assert str(caught.value) == message
+
+
+def test_a_task_is_frozen_and_compares_by_value() -> None:
+    task = Task(id="t1", payload={"a": [1, 2]})
+    with pytest.raises(AttributeError):
+        task.id = "t2"  # type: ignore[misc]
+    assert task == Task(id="t1", payload={"a": [1, 2]}) and task != Task(id="t1", payload={"a": [1]})
+
+
+def test_a_task_field_keeps_the_instance_and_round_trips_through_json() -> None:
+    task = Task(id="t1", payload={"a": [1, 2], "b": {"c": None}})
+    rollout = Rollout(task=task)
+    assert rollout.task is task  # taken as is: no copy, no second validation
+    assert rollout.model_dump()["task"] == {"id": "t1", "payload": {"a": [1, 2], "b": {"c": None}}}
+    back = Rollout.model_validate_json(rollout.model_dump_json())
+    assert type(back.task) is Task and back == rollout
+
+
+@pytest.mark.parametrize(
+    ("task", "location"),
+    [
+        ({"id": 7, "payload": {}}, ("task", "id")),
+        ({"id": "t1", "payload": []}, ("task", "payload")),
+        ({"id": "t1"}, ("task", "payload")),
+        ({"id": "t1", "payload": {}, "grader": "x"}, ("task", "grader")),  # unknown keys are errors
+    ],
+)
+def test_a_task_read_from_json_is_validated_by_the_same_rules(
+    task: dict[str, object], location: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Rollout.model_validate({"task": task})
+    assert [error["loc"] for error in caught.value.errors()] == [location]
