@@ -222,6 +222,11 @@ class RLSection(_Section):
     resample_zero_std: int = Field(
         default=0, ge=0, description="Re-run a group whose rewards are all equal up to this many times."
     )
+    resample_with: Literal["same_task", "new_task"] = Field(
+        default="same_task",
+        description="What a re-run samples: the same task again, or a training task not in this step (DAPO's "
+        "dynamic sampling: a task the policy always or never solves is replaced by one it sometimes solves).",
+    )
     train_tag: str | None = Field(
         default=None, description="Train only llm calls carrying this tag (multi-agent programs)."
     )

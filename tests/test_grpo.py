@@ -137,3 +137,24 @@ def test_micro_batch_must_divide_the_step(tmp_path: Path, tiny_model_dir: Path) 
     recipe["algorithm"]["micro_batch_size"] = 3
     with pytest.raises(ValueError, match=r"micro_batch_size=3 must divide .* = 8"):
         parse_recipe(recipe)
+
+
+def test_flat_groups_are_resampled_with_new_tasks(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Greedy sampling makes every group flat; `resample_with: new_task` re-runs them on tasks not in the step."""
+    recipe = grpo_recipe(tmp_path, tiny_model_dir, max_steps=1)
+    recipe.sampling.train = recipe.sampling.train.model_copy(update={"temperature": 0.0})
+    recipe.algorithm = recipe.algorithm.model_copy(update={"resample_zero_std": 2, "resample_with": "new_task"})
+    trainer = Trainer(recipe, progress=False)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    store = SqliteStore(tmp_path / "grpo-tiny" / "store.sqlite")
+    try:
+        train = sorted(store.list_rollouts(mode="train"), key=lambda r: r.created_at)
+    finally:
+        store.close()
+    assert len(train) == 3 * 8, "the step's 2 groups of 4, then 2 re-runs of both"
+    rounds = [{r.task.id for r in train[k:k + 8]} for k in (0, 8, 16)]
+    assert all(len(ids) == 2 for ids in rounds)
+    assert rounds[0].isdisjoint(rounds[1]) and rounds[0].isdisjoint(rounds[2]) and rounds[1].isdisjoint(rounds[2])

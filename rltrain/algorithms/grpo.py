@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -146,13 +147,13 @@ class RolloutDriver:
         stats = RunStats()
         by_group = asyncio.run(self._run_groups(runner, groups, resources, version, stats))
         resampled = 0
+        fresh = self._fresh_tasks(groups, version)
         for attempt in range(self.section.resample_zero_std):
             flat = [i for i, g in enumerate(by_group) if _zero_std(g)]
             if not flat:
                 break
-            again = asyncio.run(
-                self._run_groups(runner, [groups[i] for i in flat], resources, version, stats, f"resample {attempt}")
-            )
+            retry = [groups[i] if fresh is None else (next(fresh, groups[i][0]), groups[i][1]) for i in flat]
+            again = asyncio.run(self._run_groups(runner, retry, resources, version, stats, f"resample {attempt}"))
             for i, rollouts in zip(flat, again, strict=True):
                 if not _zero_std(rollouts):
                     by_group[i] = rollouts
@@ -187,6 +188,16 @@ class RolloutDriver:
             "policy_version": version,
         }
         return StepSamples(rollouts=rollouts, rows=rows, metrics=metrics, spans=spans)
+
+    def _fresh_tasks(self, groups: list[tuple[Task, int]], version: int) -> Iterator[Task] | None:
+        """For ``resample_with: new_task``: the training tasks not in this step, in an order fixed by the step
+        (a resumed run draws the same ones); None when re-runs repeat their own task."""
+        if self.section.resample_with == "same_task":
+            return None
+        taken = {task.id for task, _ in groups}
+        pool = [task for task_id, task in self.tasks.items() if task_id not in taken]
+        random.Random(f"resample:{version}").shuffle(pool)
+        return iter(pool)
 
     async def _run_groups(
         self, runner: Runner, groups: list[tuple[Task, int]], resources: Resources, version: int,
