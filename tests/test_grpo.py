@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from rltrain import envs
 from rltrain.metrics import read_metrics
-from rltrain.recipes import parse_recipe
+from rltrain.recipes import Recipe, parse_recipe
 from rltrain.store import SqliteStore
 from rltrain.trainer import Trainer
 from rltrain.types import SpanKind
@@ -46,16 +46,20 @@ def grpo_recipe(tmp_path: Path, model_dir: Path, max_steps: int):
     })
 
 
+def fit(recipe: Recipe, resume: bool = False) -> None:
+    trainer = Trainer(recipe, progress=False)
+    try:
+        trainer.fit(resume=resume)
+    finally:
+        trainer.close()
+
+
 def lora_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "adapter_model.safetensors"))
 
 
 def test_grpo_steps_change_lora_checkpoint_and_resume(tmp_path: Path, tiny_model_dir: Path) -> None:
-    trainer = Trainer(grpo_recipe(tmp_path, tiny_model_dir, max_steps=2), progress=False)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    fit(grpo_recipe(tmp_path, tiny_model_dir, max_steps=2))
     run = tmp_path / "grpo-tiny"
     ckpt1, ckpt2 = run / "checkpoints" / "checkpoint-1", run / "checkpoints" / "checkpoint-2"
     for ckpt in (ckpt1, ckpt2):
@@ -87,11 +91,7 @@ def test_grpo_steps_change_lora_checkpoint_and_resume(tmp_path: Path, tiny_model
     assert versions == {0, 1}
 
     # resume with a longer budget: continues from step 2, does not redo steps 1-2
-    resumed = Trainer(grpo_recipe(tmp_path, tiny_model_dir, max_steps=3), progress=False)
-    try:
-        resumed.fit(resume=True)
-    finally:
-        resumed.close()
+    fit(grpo_recipe(tmp_path, tiny_model_dir, max_steps=3), resume=True)
     state = json.loads((run / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     records = read_metrics(run / "metrics.jsonl")
@@ -102,11 +102,7 @@ def test_grpo_steps_change_lora_checkpoint_and_resume(tmp_path: Path, tiny_model
 def test_zero_signal_step_is_reported(tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     recipe = grpo_recipe(tmp_path, tiny_model_dir, max_steps=1)
     recipe.sampling.train = recipe.sampling.train.model_copy(update={"temperature": 0.0})
-    trainer = Trainer(recipe, progress=False)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    fit(recipe)
     [rollouts] = [r for r in read_metrics(tmp_path / "grpo-tiny" / "metrics.jsonl") if r.get("event") == "rollouts"]
     assert rollouts["train/frac_zero_std_groups"] == 1.0
     assert "no learning signal" in caplog.text
@@ -116,11 +112,7 @@ def test_micro_batches_accumulate_into_one_step_per_generation(tmp_path: Path, t
     """8 rows a step in micro-batches of 4: one sampling round and one optimiser step per step, not two."""
     recipe = grpo_recipe(tmp_path, tiny_model_dir, max_steps=2)
     recipe.algorithm = recipe.algorithm.model_copy(update={"micro_batch_size": 4})
-    trainer = Trainer(recipe, progress=False)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    fit(recipe)
     run = tmp_path / "grpo-tiny"
     args = torch.load(run / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 2)
@@ -144,11 +136,7 @@ def test_flat_groups_are_resampled_with_new_tasks(tmp_path: Path, tiny_model_dir
     recipe = grpo_recipe(tmp_path, tiny_model_dir, max_steps=1)
     recipe.sampling.train = recipe.sampling.train.model_copy(update={"temperature": 0.0})
     recipe.algorithm = recipe.algorithm.model_copy(update={"resample_zero_std": 2, "resample_with": "new_task"})
-    trainer = Trainer(recipe, progress=False)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    fit(recipe)
     store = SqliteStore(tmp_path / "grpo-tiny" / "store.sqlite")
     try:
         train = sorted(store.list_rollouts(mode="train"), key=lambda r: r.created_at)
