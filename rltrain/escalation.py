@@ -95,6 +95,17 @@ def _event_time(run_dir: Path, event: str) -> float | None:
     return times[-1] if times else None
 
 
+def validation_trail(run_dir: Path) -> str:
+    """The RL rung's validations step by step (``eval/val-step<N>.json``), for the report: the rung records only
+    the final one, and a gain that training gives and takes back again is worth seeing."""
+    steps = sorted((int(path.stem.removeprefix("val-step")), path) for path in (run_dir / "eval").glob("val-step*.json"))
+    parts = []
+    for step, path in steps:
+        summaries = [EvalSummary.model_validate(s) for s in json.loads(path.read_text())]
+        parts.append(f"step {step}: " + " / ".join(f"{s.accuracy:.3f}" for s in summaries))
+    return "validation during training (" + ", ".join(parts) + ")" if parts else ""
+
+
 class Ladder:
     """Runs the rungs a recipe names, recording each in ``ladder.json`` as soon as it is done."""
 
@@ -219,7 +230,8 @@ class Ladder:
                     return
             begin = boundary if boundary is not None else started
             self._record(RungResult(name=section.name, summaries=final, wall_s=ended - begin,
-                                    agent_tokens=_tokens_between(rl.store, begin, ended + 1)))
+                                    agent_tokens=_tokens_between(rl.store, begin, ended + 1),
+                                    detail=validation_trail(rl_dir)))
         finally:
             rl.close()
 

@@ -56,6 +56,8 @@ def test_the_whole_ladder_runs_and_is_reported(tmp_path: Path, tiny_model_dir: P
         assert [s.task_set for s in rung.summaries] == ["public:val", "generated:n=3,seed=5"]
         assert [s.n for s in rung.summaries] == [3, 3]
         assert rung.agent_tokens > 0 and rung.wall_s > 0
+    grpo = result.rung("grpo")
+    assert grpo is not None and grpo.detail.startswith("validation during training (step 1: ")
     apo = result.rung("apo")
     assert apo is not None and apo.optimiser_tokens == 3 * 120  # one critique, two edits (one rejected)
     # the RL rung's agent was given APO's best prompt (a random tiny model scores 0 with both: the parent stays)
