@@ -16,7 +16,7 @@ import torch
 from even_length_env import EvenLengthEnv
 from peft import get_peft_model
 from safetensors.torch import load_file
-from test_grpo import grpo_recipe, lora_weights
+from test_grpo import fit, grpo_recipe, lora_weights
 
 from rltrain import envs
 from rltrain.algorithms.critic import (
@@ -274,3 +274,17 @@ def test_cpu_recipe_mirrors_the_grpo_recipe() -> None:
         assert getattr(ppo, section) == getattr(grpo, section), section
     shared = set(ppo.algorithm.model_fields) & set(grpo.algorithm.model_fields) - {"name"}
     assert {f: getattr(ppo.algorithm, f) for f in shared} == {f: getattr(grpo.algorithm, f) for f in shared}
+
+
+def test_ppo_in_micro_batches_trains_policy_and_critic_once_per_step(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """8 rows a step in micro-batches of 4: the critic steps with the policy, once per step, on all 8 rows."""
+    fit(ppo_recipe(tmp_path, tiny_model_dir, max_steps=2, micro_batch_size=4))
+    run = tmp_path / "ppo-tiny"
+    logs = train_records(run)
+    assert [log["step"] for log in logs] == [1, 2]
+    assert all(log["train/value_loss"] > 0 for log in logs)
+    c1 = load_file(str(run / "checkpoints" / "checkpoint-1" / CRITIC_FILE))
+    c2 = load_file(str(run / "checkpoints" / "checkpoint-2" / CRITIC_FILE))
+    assert not torch.equal(c1["head.score.weight"], c2["head.score.weight"])
+    rollouts = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "rollouts"]
+    assert [(r["step"], r["rollouts/succeeded"]) for r in rollouts] == [(0, 8), (1, 8)]
