@@ -285,6 +285,12 @@ class GRPOSection(RLSection):
     scale_rewards: Literal["group", "batch", "none"] = Field(
         default="group", description="Advantage scaling: by group std, batch std, or centring only."
     )
+    share_prompt_forward: bool = Field(
+        default=True,
+        description="Run each distinct prompt once per log-prob pass: the rows of a group share its KV cache and "
+        "only their completions run per row (the same log-probs and gradients as TRL's pass over whole rows, "
+        "about num_generations times less prompt compute; benchmarks/bench_shared_prompt.py). Off: TRL's pass.",
+    )
 
 
 class CriticConfig(_Section):

@@ -78,6 +78,7 @@ def test_grpo_steps_change_lora_checkpoint_and_resume(tmp_path: Path, tiny_model
     assert all("train/frac_zero_std_groups" in r and "adapter/llm_calls" in r for r in rollouts)
     train_logs = [r for r in records if r.get("event") == "train" and "loss" in r]
     assert len(train_logs) == 2
+    assert [r["shared_prompt/rows_per_pass"] for r in train_logs] == [4.0, 4.0], "2 groups of 4 in one pass"
     assert (run / "plot.png").exists() and (run / "final" / "adapter_config.json").exists()
     # the spans say which policy version sampled them
     store = SqliteStore(run / "store.sqlite")
@@ -119,7 +120,10 @@ def test_micro_batches_accumulate_into_one_step_per_generation(tmp_path: Path, t
     records = read_metrics(run / "metrics.jsonl")
     rollouts = [r for r in records if r.get("event") == "rollouts"]
     assert [(r["step"], r["rollouts/succeeded"]) for r in rollouts] == [(0, 8), (1, 8)]
-    assert len([r for r in records if r.get("event") == "train" and "loss" in r]) == 2
+    train_logs = [r for r in records if r.get("event") == "train" and "loss" in r]
+    assert len(train_logs) == 2
+    # each micro-batch holds one whole group (TRL's shuffle would mix the two), so each prompt runs once per 4 rows
+    assert [r["shared_prompt/rows_per_pass"] for r in train_logs] == [4.0, 4.0]
     w1, w2 = (lora_weights(run / "checkpoints" / f"checkpoint-{n}") for n in (1, 2))
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
 

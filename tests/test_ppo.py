@@ -47,7 +47,7 @@ def parity_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def ppo_recipe(tmp_path: Path, model_dir: Path, max_steps: int, **ppo: object):
     """The GRPO tests' recipe with a PPO algorithm section (same data, sampling, batch and LoRA)."""
     recipe = grpo_recipe(tmp_path, model_dir, max_steps).model_dump(mode="json")
-    shared = {k: v for k, v in recipe["algorithm"].items() if k not in ("name", "scale_rewards")}
+    shared = {k: v for k, v in recipe["algorithm"].items() if k not in ("name", "scale_rewards", "share_prompt_forward")}
     recipe["name"] = "ppo-tiny"
     recipe["algorithm"] = {**shared, "name": "ppo", **ppo}
     return parse_recipe(recipe)

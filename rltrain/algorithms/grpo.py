@@ -13,6 +13,7 @@ training that same adapter.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -20,8 +21,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import split_tensor_dict
 
 from rltrain.adapters.advantages import answer_distribution, collapse_warning, group_advantages
 from rltrain.adapters.trajectories import TrajectoryAdapter
@@ -34,6 +37,7 @@ from rltrain.algorithms.run_state import (
     settle_interrupted,
 )
 from rltrain.algorithms.sft import warm_start
+from rltrain.algorithms.shared_prompt import shared_prompt_logps
 from rltrain.algorithms.weight_sync import attach_weight_sync, importance_sampling_args
 from rltrain.envs.base import Environment
 from rltrain.metrics import EvalSummary, MetricsWriter, peak_rss_mb, plot_run
@@ -269,11 +273,47 @@ def rollout_reward(prompts: list[Any], completions: list[Any], rollout_reward: l
 
 
 class AgentGRPOTrainer(GRPOTrainer):
-    """``trl.GRPOTrainer`` whose samples come from rltrain's agents (see :class:`RolloutDriver`)."""
+    """``trl.GRPOTrainer`` whose samples come from rltrain's agents (see :class:`RolloutDriver`).
 
-    def __init__(self, *, driver: RolloutDriver, **kwargs: Any) -> None:
+    ``share_prompts``: log-probs are computed with each distinct prompt run once (:mod:`.shared_prompt`); for that
+    a step's micro-batches keep the rows of a group together.
+    """
+
+    def __init__(self, *, driver: RolloutDriver, share_prompts: bool = False, **kwargs: Any) -> None:
         self.driver = driver
+        self.share_prompts = share_prompts
         super().__init__(reward_funcs=[rollout_reward], rollout_func=driver, **kwargs)
+
+    def _prepare_inputs(self, generation_batch: dict[str, Any]) -> dict[str, Any]:
+        """TRL's, without its shuffle of the rows across micro-batches: the rows come grouped by task (see
+        :meth:`RolloutDriver.__call__`), and a micro-batch that holds whole groups computes each prompt once. The
+        shuffle changes nothing else here: every micro-batch of a generation joins one optimiser step."""
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _get_per_token_logps_and_entropies(  # type: ignore[override]
+        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+        batch_size: int | None = None, compute_entropy: bool = False, compute_aux_loss: bool = False,
+        **inputs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """With ``share_prompts``, text-only rows go through :func:`.shared_prompt.shared_prompt_logps`; anything
+        else (images, MoE aux loss, prompts that do not group) through TRL's pass over whole rows."""
+        if self.share_prompts and not compute_aux_loss and all(v is None for v in inputs.values()):
+            shared = shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy,
+                                         self.accelerator.autocast)
+            if shared is not None:
+                mode = "train" if self.model.training else "eval"
+                self._metrics[mode]["shared_prompt/rows_per_pass"].append(shared.rows_per_prompt)
+                return shared.logps, shared.entropies, None
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+            compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **inputs,
+        )
 
 
 class _RunCallback(TrainerCallback):
@@ -350,7 +390,8 @@ def train_grpo(rl: RLTrainer, resume: bool = False, stop_at: float | None = None
     section = rl.recipe.algorithm
     assert isinstance(section, GRPOSection)
     args = grpo_config(rl, section, scale_rewards=section.scale_rewards)
-    return train_with_rollouts(rl, section, AgentGRPOTrainer, RolloutDriver, args, resume=resume, stop_at=stop_at)
+    factory = functools.partial(AgentGRPOTrainer, share_prompts=section.share_prompt_forward)
+    return train_with_rollouts(rl, section, factory, RolloutDriver, args, resume=resume, stop_at=stop_at)
 
 
 def train_with_rollouts(

@@ -9,7 +9,8 @@ TRL 1.16 ships no PPO trainer, and needs none here: its ``GRPOTrainer`` loss alr
   and do not break the recursion; whitened over the batch) replaces TRL's group advantages; the sampling-time
   values and the returns travel with the batch (TRL shuffles and splits every ``(B, ...)`` tensor in it).
 * ``_compute_loss``: TRL's policy loss, plus ``vf_coef`` times the clipped value loss. The shared critic reads the
-  hidden state of TRL's own forward pass, so the value costs no second pass through the model.
+  hidden state of TRL's own forward pass, so the value costs no second pass through the model. That is why PPO
+  keeps TRL's pass over whole rows, where GRPO runs each distinct prompt once (``share_prompt_forward``).
 
 The critic's weights join the optimiser as a parameter group of their own (``critic.learning_rate``), are
 clipped to ``max_grad_norm`` apart from the policy's, saved as ``critic.safetensors`` in every checkpoint and
