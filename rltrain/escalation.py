@@ -66,6 +66,9 @@ class LadderResult(BaseModel):
     reference_policies: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="Trivial policies' accuracy per evaluation set (when the env has them)."
     )
+    selection_set: str | None = Field(
+        default=None, description="The recipe's `data.select`: the set the RL rung's adapter was chosen on."
+    )
 
     def rung(self, name: str) -> RungResult | None:
         return next((r for r in self.rungs if r.name == name), None)
@@ -124,7 +127,8 @@ class Ladder:
         path = self.root / "ladder.json"
         fingerprint = hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16]
         self.result = (LadderResult.model_validate_json(path.read_text()) if path.exists()
-                       else LadderResult(recipe=recipe.name, fingerprint=fingerprint, target=self.target))
+                       else LadderResult(recipe=recipe.name, fingerprint=fingerprint, target=self.target,
+                                         selection_set=recipe.data.select))
         if self.result.fingerprint != fingerprint:
             raise EscalationError(
                 f"{path} was written by a different recipe; a climb continues only with the recipe that started "
@@ -231,9 +235,21 @@ class Ladder:
             begin = boundary if boundary is not None else started
             self._record(RungResult(name=section.name, summaries=final, wall_s=ended - begin,
                                     agent_tokens=_tokens_between(rl.store, begin, ended + 1),
-                                    detail=validation_trail(rl_dir)))
+                                    detail=self._rl_detail(rl_dir)))
         finally:
             rl.close()
+
+    def _rl_detail(self, rl_dir: Path) -> str:
+        """The RL rung's validation trail, and which adapter it reports when one was chosen on ``data.select``."""
+        from rltrain.algorithms.run_state import best_summaries
+
+        trail = validation_trail(rl_dir)
+        best = best_summaries(rl_dir) if self.recipe.data.select else None
+        if best is None:
+            return trail
+        return (f"the adapter reported is the one chosen on `{self.recipe.data.select}`: step {best[0]} "
+                f"(step 0 = the warm start); {trail}")
+
 
 def escalate(recipe: Recipe, progress: bool = True) -> LadderResult:
     """Climb the ladder the recipe describes (see the module docstring); returns what ``ladder.json`` holds."""

@@ -145,6 +145,22 @@ class DataConfig(_Section):
         default_factory=list, description="More held-out task sets evaluated alongside `val`."
     )
     limit: int | None = Field(default=None, ge=1, description="Use only the first N tasks of each set.")
+    select: str | None = Field(
+        default=None,
+        description="Checkpoint-selection tasks: evaluated with the validation sets every time they are; `best/` "
+        "keeps the adapter that scores highest on them, and a training run reports that adapter's accuracy. Keep "
+        "them apart from `train`, `val` and `extra_eval`, so that no reported accuracy is one a checkpoint was chosen "
+        "by. None: `best/` is chosen on `val` and a run reports its last adapter.",
+    )
+
+    @model_validator(mode="after")
+    def _check_select(self) -> DataConfig:
+        if self.select is not None and self.select in (self.train, self.val, *self.extra_eval):
+            raise ValueError(
+                f"select {self.select!r} is also a training or reported set (train, val or extra_eval); selecting "
+                "a checkpoint on it would bias what is reported: give select a task set of its own"
+            )
+        return self
 
 
 class RunnerConfig(_Section):

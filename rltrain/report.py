@@ -30,9 +30,12 @@ def render_markdown(ladder: LadderResult) -> str:
         "",
         ("Every rung is evaluated greedily on the same sets, which no rung trains on. Agent tokens count the "
          "rung's training and evaluation rollouts; cost prices tokens with the recipe's `pricing` table "
-         "(a local model's tokens are free: its cost is the wall time)."),
+         "(a local model's tokens are free: its cost is the wall time)."
+         + (f" The RL rung's adapter is chosen on `{ladder.selection_set}` (selection), a set of its own: the "
+            "other sets' accuracies are not chosen on." if ladder.selection_set else "")),
         "",
-        "| rung | " + " | ".join(f"accuracy `{s}`" for s in sets)
+        "| rung | " + " | ".join(f"accuracy `{s}`" + (" (selection)" if s == ladder.selection_set else "")
+                                 for s in sets)
         + " | top answers (first set) | agent tokens | optimiser tokens | cost | wall |",
         "| --- | " + " | ".join("---" for _ in sets) + " | --- | --- | --- | --- | --- |",
     ]

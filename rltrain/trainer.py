@@ -166,9 +166,11 @@ class Trainer:
         return train_grpo(self, resume=resume, stop_at=stop_at)
 
     def eval_sets(self) -> dict[str, list[Task]]:
-        """The validation sets: ``data.val`` plus every ``data.extra_eval`` (resolved once per run)."""
+        """The validation sets: ``data.val``, every ``data.extra_eval``, and last ``data.select`` when the recipe
+        has one (resolved once per run)."""
         if self._eval_sets is None:
-            specs = [self.recipe.data.val, *self.recipe.data.extra_eval]
+            data = self.recipe.data
+            specs = [data.val, *data.extra_eval, *([data.select] if data.select else [])]
             self._eval_sets = {spec: self.load_tasks(spec) for spec in specs}
         return self._eval_sets
 

@@ -13,6 +13,7 @@ from scripted_llm import ScriptedLLM
 from rltrain.cli import main
 from rltrain.envs.room_selection.prompts import INLINE_PROMPTS
 from rltrain.escalation import EscalationError, LadderResult, escalate
+from rltrain.metrics import EvalSummary
 from rltrain.recipes import parse_recipe
 
 SEED = INLINE_PROMPTS["user"].template
@@ -74,6 +75,27 @@ def test_the_whole_ladder_runs_and_is_reported(tmp_path: Path, tiny_model_dir: P
     changed = ladder_recipe(tmp_path, tiny_model_dir, "http://127.0.0.1:9/v1", escalate={"target": 0.5})
     with pytest.raises(EscalationError, match="different recipe"):
         escalate(changed, progress=False)
+
+
+def test_the_rl_rung_reports_the_adapter_chosen_on_the_selection_set(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = {"train": "public:train", "val": "public:val", "extra_eval": ["generated:n=3,seed=5"],
+            "select": "generated:n=3,seed=6", "limit": 3}
+    recipe = ladder_recipe(tmp_path, tiny_model_dir, "http://127.0.0.1:9/v1", data=data, apo=None)
+    result = escalate(recipe, progress=False)
+    assert [r.name for r in result.rungs] == ["baseline", "warm_start", "grpo"]
+    for rung in result.rungs:
+        assert [s.task_set for s in rung.summaries] == ["public:val", "generated:n=3,seed=5", "generated:n=3,seed=6"]
+    run = tmp_path / "ladder"
+    marker = json.loads((run / "rl" / "best" / "rltrain_best.json").read_text())
+    assert marker["task_set"] == "generated:n=3,seed=6"
+    grpo = result.rung("grpo")
+    assert grpo is not None
+    assert grpo.summaries == [EvalSummary.model_validate(s) for s in marker["summaries"]]
+    assert grpo.detail.startswith(f"the adapter reported is the one chosen on `generated:n=3,seed=6`: step "
+                                  f"{marker['step']} ")
+    report = (run / "report.md").read_text()
+    assert "accuracy `generated:n=3,seed=6` (selection)" in report
+    assert result.selection_set == "generated:n=3,seed=6"
 
 
 def test_climb_stops_at_the_first_rung_that_reaches_the_target(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -17,7 +17,7 @@ from even_length_env import EvenLengthEnv
 from safetensors.torch import load_file
 
 from rltrain import envs
-from rltrain.metrics import read_metrics
+from rltrain.metrics import EvalSummary, read_metrics
 from rltrain.recipes import Recipe, parse_recipe
 from rltrain.store import SqliteStore
 from rltrain.trainer import Trainer
@@ -150,3 +150,25 @@ def test_flat_groups_are_resampled_with_new_tasks(tmp_path: Path, tiny_model_dir
     rounds = [{r.task.id for r in train[k:k + 8]} for k in (0, 8, 16)]
     assert all(len(ids) == 2 for ids in rounds)
     assert rounds[0].isdisjoint(rounds[1]) and rounds[0].isdisjoint(rounds[2]) and rounds[1].isdisjoint(rounds[2])
+
+
+def test_the_adapter_reported_is_the_one_chosen_on_the_selection_set(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """With data.select, every validation also scores the selection set; best/ is the adapter that scored highest
+    on it (the fresh adapter, step 0, included) and fit() reports that adapter's validation, not the last one's."""
+    recipe = grpo_recipe(tmp_path, tiny_model_dir, max_steps=2)
+    recipe.data = recipe.data.model_copy(update={"select": "selection"})
+    recipe.algorithm = recipe.algorithm.model_copy(update={"eval_steps": 1})
+    trainer = Trainer(recipe, progress=False)
+    try:
+        reported = trainer.fit()
+    finally:
+        trainer.close()
+    run = tmp_path / "grpo-tiny"
+    by_step = {step: [EvalSummary.model_validate(s) for s in json.loads((run / "eval" / f"{label}.json").read_text())]
+               for step, label in [(0, "baseline"), (1, "val-step1"), (2, "val-step2")]}
+    assert all([s.task_set for s in summaries] == ["all", "selection"] for summaries in by_step.values())
+    selection = {step: summaries[1].accuracy for step, summaries in by_step.items()}
+    marker = json.loads((run / "best" / "rltrain_best.json").read_text())
+    first_best = max(selection, key=lambda step: (selection[step], -step))  # ties keep the earlier adapter
+    assert (marker["task_set"], marker["step"], marker["accuracy"]) == ("selection", first_best, selection[first_best])
+    assert reported == by_step[first_best]

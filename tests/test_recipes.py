@@ -59,3 +59,13 @@ def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
 def test_run_name_must_be_a_folder_name() -> None:
     with pytest.raises(RecipeError, match="name"):
         parse_recipe({"name": "../escape"})
+
+
+@pytest.mark.parametrize("field", ["train", "val", "extra_eval"])
+def test_selection_set_must_be_a_set_of_its_own(field: str) -> None:
+    data = {"train": "generated:n=50,seed=1", "val": "public:val", "extra_eval": ["generated:n=40,seed=99"]}
+    data["select"] = data[field][0] if field == "extra_eval" else data[field]
+    with pytest.raises(RecipeError, match=r"select .* is also a training or reported set"):
+        parse_recipe({"data": data})
+    data["select"] = "generated:n=40,seed=13"
+    assert parse_recipe({"data": data}).data.select == "generated:n=40,seed=13"

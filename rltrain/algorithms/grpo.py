@@ -32,6 +32,7 @@ from rltrain.agent import Agent
 from rltrain.algorithms.progress import quiet_progress
 from rltrain.algorithms.run_state import (
     accuracies,
+    best_summaries,
     keep_if_best,
     last_complete_checkpoint,
     settle_interrupted,
@@ -328,7 +329,7 @@ class _RunCallback(TrainerCallback):
     def validate(self, step: int, label: str | None = None) -> list[EvalSummary]:
         summaries = self.rl.evaluate(self.rl.eval_sets(), stack=self.stack, label=label or f"val-step{step}",
                                      step=step)
-        keep_if_best(self.rl.run_dir, self.model, summaries, step)
+        keep_if_best(self.rl.run_dir, self.model, summaries, step, self.rl.recipe.data.select)
         plot_run(self.rl.run_dir / "metrics.jsonl", self.rl.run_dir / "plot.png")
         return summaries
 
@@ -459,8 +460,8 @@ def train_with_rollouts(
             if stop_at is not None and after_warm[0].accuracy >= stop_at:
                 logger.info("the warm start reached the target %.3f: no RL steps", stop_at)
                 return after_warm
-        elif warm is None and checkpoint is None:
-            baseline = rl.evaluate(rl.eval_sets(), stack=stack, label="baseline", step=0)
+        elif warm is None and checkpoint is None:  # the fresh adapter is the base model: a candidate for best/
+            baseline = callback.validate(0, label="baseline")
             logger.info("baseline: %s", accuracies(baseline))
         started = time.perf_counter()
         trl_trainer.train(resume_from_checkpoint=checkpoint)
@@ -470,4 +471,16 @@ def train_with_rollouts(
     rl.metrics.write({"event": "done", "train_s": train_s, "peak_rss_mb": peak_rss_mb()}, step=section.max_steps)
     plot_run(rl.run_dir / "metrics.jsonl", rl.run_dir / "plot.png")
     logger.info("final: %s (training %.0f s)", accuracies(final), train_s)
-    return final
+    return chosen_result(rl, final)
+
+
+def chosen_result(rl: RLTrainer, final: list[EvalSummary]) -> list[EvalSummary]:
+    """What a run reports: with ``data.select``, the validation of the adapter chosen on it (``best/``, maybe an
+    earlier step than the last); without, the last adapter's."""
+    select = rl.recipe.data.select
+    best = best_summaries(rl.run_dir) if select else None
+    if best is None:
+        return final
+    step, summaries = best
+    logger.info("chosen on %s: the adapter of step %d (best/): %s", select, step, accuracies(summaries))
+    return summaries

@@ -1,8 +1,8 @@
 """What a run directory carries from one process of a run to the next, for every training algorithm.
 
-* the best adapter: ``best/`` holds the adapter that scored highest on the first validation set so far, with
-  ``best/rltrain_best.json`` naming its step and accuracy, so that a resumed run (or GRPO after a warm start)
-  goes on comparing against it;
+* the best adapter: ``best/`` holds the adapter that scored highest so far on the selection set (``data.select``,
+  else the first validation set), with ``best/rltrain_best.json`` naming its step and accuracy and holding its
+  summaries, so that a resumed run (or GRPO after a warm start) goes on comparing against it;
 * what an interrupted process left behind: rollouts still queued or running, and metric lines of steps that
   will be produced again (:func:`settle_interrupted`);
 * which checkpoint to resume from: the newest *complete* one (:func:`last_complete_checkpoint`).
@@ -33,16 +33,37 @@ def best_accuracy(run_dir: Path) -> float | None:
     return json.loads(marker.read_text())["accuracy"] if marker.exists() else None
 
 
-def keep_if_best(run_dir: Path, model: Any, summaries: list[EvalSummary], step: int) -> bool:
-    """Save ``model``'s adapter as ``best`` when it beats the best so far on the first validation set."""
-    accuracy = summaries[0].accuracy
+def best_summaries(run_dir: Path) -> tuple[int, list[EvalSummary]] | None:
+    """The step of the adapter in ``run_dir/best`` and its validation summaries (every set), or ``None``."""
+    marker = run_dir / "best" / BEST_MARKER
+    if not marker.exists():
+        return None
+    record = json.loads(marker.read_text())
+    return record["step"], [EvalSummary.model_validate(s) for s in record.get("summaries", [])]
+
+
+def selection_summary(summaries: list[EvalSummary], select: str | None) -> EvalSummary:
+    """The summary a checkpoint is chosen by: the ``data.select`` set's, else the first validation set's."""
+    if select is None:
+        return summaries[0]
+    for summary in summaries:
+        if summary.task_set == select:
+            return summary
+    raise ValueError(f"no summary of the selection set {select!r} among {[s.task_set for s in summaries]}")
+
+
+def keep_if_best(run_dir: Path, model: Any, summaries: list[EvalSummary], step: int, select: str | None = None) -> bool:
+    """Save ``model``'s adapter as ``best`` when it beats the best so far on the selection set (``data.select``,
+    else the first validation set); the marker keeps every set's summary of that adapter."""
+    chosen = selection_summary(summaries, select)
     best = best_accuracy(run_dir)
-    if best is not None and accuracy <= best:
+    if best is not None and chosen.accuracy <= best:
         return False
     model.save_pretrained(run_dir / "best")
-    (run_dir / "best" / BEST_MARKER).write_text(
-        json.dumps({"step": step, "accuracy": accuracy, "task_set": summaries[0].task_set})
-    )
+    (run_dir / "best" / BEST_MARKER).write_text(json.dumps({
+        "step": step, "accuracy": chosen.accuracy, "task_set": chosen.task_set,
+        "summaries": [s.model_dump() for s in summaries],
+    }))
     return True
 
 

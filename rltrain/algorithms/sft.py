@@ -316,7 +316,7 @@ def train_sft_run(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
     result.model.save_pretrained(rl.run_dir / "final")
     with ServingStack(recipe, rl.store, model=result.model, tokenizer=tokenizer) as stack:
         final = rl.evaluate(rl.eval_sets(), stack=stack, label="final", step=result.steps)
-    keep_if_best(rl.run_dir, result.model, final, result.steps)
+    keep_if_best(rl.run_dir, result.model, final, result.steps, rl.recipe.data.select)
     rl.metrics.write({"event": "done", "train_s": train_s, "peak_rss_mb": peak_rss_mb()}, step=result.steps)
     plot_run(rl.run_dir / "metrics.jsonl", rl.run_dir / "plot.png")
     logger.info("final: %s (warm start %.0f s)", accuracies(final), train_s)
