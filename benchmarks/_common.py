@@ -1,9 +1,9 @@
 """Timing, medians and the one table format every benchmark prints.
 
-A benchmark produces :class:`Row` s: one figure for rltrain, one for the peer (Agent Lightning 0.3.0), both
-measured on this machine in the same run, the ratio between them and the target the issue set for that ratio.
-The ratio is always oriented so that > 1 means rltrain is better (throughputs: ours / peer; times, latencies
-and memory: peer / ours), except where a row has an absolute target instead (``target_abs``).
+A benchmark produces :class:`Row` s: one figure for rltrain, one for the peer (Agent Lightning 0.3.0 unless the
+row's note names another), both measured on this machine in the same run, the ratio between them and the target
+the issue set for that ratio. The ratio is always oriented so that > 1 means rltrain is better (throughputs: ours /
+peer; times, latencies and memory: peer / ours), except where a row has an absolute target instead (``target_abs``).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _verdict(row: Row) -> str:
 
 def table(rows: list[Row], markdown: bool = False) -> str:
     """The rows as a plain-text (or markdown) table."""
-    header = ["benchmark", "metric", "rltrain", "Agent Lightning", "ratio", "target", ""]
+    header = ["benchmark", "metric", "rltrain", "peer", "ratio", "target", ""]
     body = [
         [
             row.benchmark,

@@ -9,7 +9,7 @@ the per-token log-probs and entropies of the completions and back-propagate a lo
 * rltrain: :func:`rltrain.algorithms.shared_prompt.shared_prompt_logps` (the prompt once, its KV cache shared).
 
 Time: medians of ``--repeats`` alternating trials in this process. Peak memory: each side once more in a fresh
-process of its own (``ru_maxrss`` minus the RSS before the pass). Prints both and the ratios. Run:
+process of its own, run first (``ru_maxrss`` minus the RSS before the pass). Prints both and the ratios. Run:
 ``.venv/bin/python benchmarks/bench_shared_prompt.py [--generations 8] [--repeats 3]``
 """
 
@@ -106,19 +106,22 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON (for run_all.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, ids, mask = build(args.generations, args.completion)
     if args.memory_of:
+        model, ids, mask = build(args.generations, args.completion)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         SIDES[args.memory_of](model, ids, mask, args.completion)
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
         return
+    # memory first, while this process holds nothing: the whole-row pass peaks at many GB, and a parent that has
+    # already run it keeps much of that heap, so both together can exceed a 24 GB machine
+    memory = {side: peak_mb_of(side, args) for side in SIDES}
+    model, ids, mask = build(args.generations, args.completion)
     log(f"{args.generations} rows of {ids.size(1)} tokens ({ids.size(1) - args.completion} prompt)")
     times: dict[str, list[float]] = {side: [] for side in SIDES}
     for trial in range(args.repeats):
         for side, run in SIDES.items():
             times[side].append(timed(lambda run=run: run(model, ids, mask, args.completion)))
             log(f"trial {trial}: {side} {times[side][-1]:.2f} s")
-    memory = {side: peak_mb_of(side, args) for side in SIDES}
     label = f"GRPO loss pass, {args.generations} x {ids.size(1)} tokens"
     rows = [
         Row("shared_prompt", f"{label}, forward + backward", "s", median(times["rltrain"]), median(times["trl"]),
