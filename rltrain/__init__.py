@@ -1,10 +1,23 @@
 """rltrain: make an LLM agent better at its job by training a local model's weights with RL.
 
-Heavy libraries (torch, transformers, TRL) are imported lazily by the modules that need them, so that
-``import rltrain`` and ``rltrain --help`` stay fast.
+Bring your own agent::
+
+    from rltrain import GRPO, Trainer, rollout
+
+    trainer = Trainer(algorithm=GRPO(max_steps=20), model="SmolLM2-135M-Instruct", run_dir="runs/mine")
+    trainer.fit(my_agent, train_dataset="train.jsonl", val_dataset="val.jsonl")
+
+Heavy libraries (torch, transformers, TRL) are imported lazily by the modules that need them, and the Trainer
+(which pulls in the serving stack) on first use, so that ``import rltrain`` and ``rltrain --help`` stay fast.
 """
 
-from rltrain.agent import emit_reward, rollout, tool_span
+from typing import TYPE_CHECKING, Any
+
+from rltrain.agent import emit_answer, emit_reward, reply_with, rollout, tool_span
+from rltrain.recipes import APOSection as APO
+from rltrain.recipes import GRPOSection as GRPO
+from rltrain.recipes import PPOSection as PPO
+from rltrain.recipes import SFTSection as SFT
 from rltrain.types import (
     Attempt,
     LLMResource,
@@ -19,9 +32,25 @@ from rltrain.types import (
     Trajectory,
 )
 
+if TYPE_CHECKING:
+    from rltrain.trainer import Trainer
+
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    if name == "Trainer":  # imported on first use: it pulls in the serving stack, runner and store
+        from rltrain.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'rltrain' has no attribute {name!r}")
+
+
 __all__ = [
+    "APO",
+    "GRPO",
+    "PPO",
+    "SFT",
     "Attempt",
     "LLMResource",
     "PromptTemplate",
@@ -32,8 +61,11 @@ __all__ = [
     "Span",
     "SpanKind",
     "Task",
+    "Trainer",
     "Trajectory",
+    "emit_answer",
     "emit_reward",
+    "reply_with",
     "rollout",
     "tool_span",
 ]

@@ -1,4 +1,4 @@
-"""The agent API: ``@rollout``, ``emit_reward``, and tool spans.
+"""The agent API: ``@rollout``, ``emit_reward``, ``emit_answer``, tool spans and ``reply_with``.
 
 An agent is the user's own function, ``(task, resources) -> reward``, sync or async, unchanged except for the
 decorator. While the runner executes it, a :class:`RolloutContext` (a ``contextvars`` variable, so it follows
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rltrain.store.base import Store
-from rltrain.types import Resources, Span, SpanKind
+from rltrain.types import PromptTemplate, Resources, Span, SpanKind
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,55 @@ def emit_reward(value: float, name: str = "reward") -> None:
     ctx.record(SpanKind.REWARD, name, time.time(), {"value": float(value)})
 
 
+#: the name of the span :func:`emit_answer` records (a ``log`` span with the answer as ``value``)
+ANSWER_SPAN = "answer"
+
+
+def emit_answer(answer: str | None) -> None:
+    """Record the answer the rollout gave (``"Nova"``, ``"42"``), for the answer-distribution diagnostics:
+    ``evaluate`` reports how often each answer was given and GRPO warns when the policy collapses onto one.
+
+    Call it once, with the answer as the agent read it from the model (``None`` when it could read none); the
+    last call of a rollout counts. Outside a rollout it does nothing.
+    """
+    ctx = current_context()
+    if ctx is None:
+        return
+    ctx.record(SpanKind.LOG, ANSWER_SPAN, time.time(), {"value": None if answer is None else str(answer)})
+
+
+def answer_of(spans: list[Span]) -> str | None:
+    """The answer a rollout reported with :func:`emit_answer` (its last), or ``None``."""
+    for span in reversed(spans):
+        if span.kind is SpanKind.LOG and span.name == ANSWER_SPAN:
+            value = span.attributes.get("value")
+            return None if value is None else str(value)
+    return None
+
+
+def reply_with(
+    resources: Resources, messages: list[dict[str, Any]], reply: str, tools: list[dict[str, Any]] | None = None
+) -> Any:
+    """Send ``messages`` through rltrain's gateway with ``reply`` as the assistant's answer instead of a sampled
+    one, and return the ``ChatCompletion`` (its message parsed like a sampled one: tool calls included).
+
+    This is how a warm-start teacher demonstrates: the gateway tokenises ``reply`` as if the local model had
+    written it and records it, so the warm start trains on exactly those tokens. The reply can come from
+    anywhere: a solver, a rule, or a stronger model's OpenAI endpoint (call it with your own client, then pass
+    its text here). Send the same ``messages`` and ``tools`` your agent sends, so the student learns to answer
+    the requests it will really see.
+    """
+    from openai import OpenAI
+
+    with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
+        return client.chat.completions.create(
+            model=resources.llm.model,
+            messages=messages,  # type: ignore[arg-type]
+            **({"tools": tools} if tools else {}),  # type: ignore[arg-type]
+            extra_body={"rltrain_completion": reply},
+        )
+
+
 @dataclass
 class ToolCallHandle:
     """Yielded by :func:`tool_span`; set ``result`` to have it recorded."""
@@ -149,6 +198,42 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+#: parameter names an agent may ask for instead of the whole ``resources`` (Agent Lightning's spelling)
+_LLM_PARAM, _PROMPT_PARAM = "llm", "prompt_template"
+
+
+def _resource_getters(fn: Callable[..., Any]) -> list[Callable[[Resources], Any]]:
+    """What to pass after the task: ``(task, resources)`` gets the resources; an agent written for Agent
+    Lightning, ``(task, prompt_template)`` or ``(task, llm, prompt_template)``, gets them by parameter name:
+    ``llm`` the LLM resource, ``prompt_template`` the prompt of that name or else the only one, ``resources``
+    all of them, any other name the prompt of that name."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    positional = [p for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    names = [p.name for p in positional if p.default is inspect.Parameter.empty
+             and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    if (len(names) == 1 and names[0] not in (_LLM_PARAM, _PROMPT_PARAM)) or (not names and positional):
+        return [lambda r: r]
+    getters: list[Callable[[Resources], Any]] = []
+    for name in names:
+        if name == "resources":
+            getters.append(lambda r: r)
+        elif name == _LLM_PARAM:
+            getters.append(lambda r: r.llm)
+        else:
+            getters.append(functools.partial(_prompt_named, name))
+    return getters
+
+
+def _prompt_named(name: str, resources: Resources) -> PromptTemplate:
+    prompts = resources.prompts
+    if name in prompts:
+        return prompts[name]
+    if name == _PROMPT_PARAM and len(prompts) == 1:
+        return next(iter(prompts.values()))
+    raise KeyError(f"the agent asks for prompt {name!r}, but the resources hold {sorted(prompts)}; name it in "
+                   "initial_resources (or the recipe's `prompts:`)")
+
+
 class Agent:
     """A decorated agent function. Call :meth:`run` to execute it inside a rollout context."""
 
@@ -158,10 +243,14 @@ class Agent:
         #: False for agents that never call a model (a solver): no engine is started for them
         self.needs_llm = needs_llm
         self.is_async = inspect.iscoroutinefunction(fn)
+        self._getters = _resource_getters(fn)
         functools.update_wrapper(self, fn)
 
+    def _arguments(self, task: dict[str, Any], resources: Resources) -> tuple[Any, ...]:
+        return (task, *(get(resources) for get in self._getters))
+
     def __call__(self, task: dict[str, Any], resources: Resources) -> Any:
-        return self.fn(task, resources)
+        return self.fn(*self._arguments(task, resources))
 
     async def run(self, task: dict[str, Any], resources: Resources, ctx: RolloutContext) -> float | None:
         """Execute once under ``ctx``; sync agents run in a daemon worker thread so they never block the loop.
@@ -171,9 +260,9 @@ class Agent:
         """
         with rollout_context(ctx):
             if self.is_async:
-                value = await self.fn(task, resources)  # type: ignore[misc]
+                value = await self.fn(*self._arguments(task, resources))  # type: ignore[misc]
             else:
-                value = await _in_daemon_thread(self.fn, task, resources)
+                value = await _in_daemon_thread(self.fn, *self._arguments(task, resources))
         if value is None and ctx.rewards:
             return ctx.rewards[-1]
         return value  # type: ignore[return-value]
@@ -282,3 +371,42 @@ def format_exception(exc: BaseException) -> dict[str, Any]:
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc)),
     }
+
+
+class AgentImportError(ValueError):
+    """A ``module:attribute`` agent reference that does not name an importable ``@rollout`` function."""
+
+
+#: agents handed to the Python API, by the reference a recipe records for them
+_REGISTERED: dict[str, Agent] = {}
+
+
+def register_agent(fn: Callable[..., Any]) -> str:
+    """Remember ``fn`` (a ``@rollout`` function, or a plain one, which is wrapped) and return the
+    ``module:qualname`` reference a recipe records for it; :func:`resolve_agent` finds it by that name even when
+    it is not importable (defined in ``__main__``, a notebook or a test)."""
+    agent = fn if isinstance(fn, Agent) else Agent(fn)
+    ref = f"{agent.fn.__module__}:{agent.fn.__qualname__}"
+    _REGISTERED[ref] = agent
+    return ref
+
+
+def resolve_agent(ref: str) -> Agent:
+    """The agent a ``module:attribute`` reference names (registered, or imported)."""
+    if ref in _REGISTERED:
+        return _REGISTERED[ref]
+    module_name, sep, attribute = ref.partition(":")
+    if not sep or not module_name or not attribute:
+        raise AgentImportError(f"agent {ref!r}: name it as module:attribute, e.g. my_agents:room_selector")
+    import importlib
+
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise AgentImportError(f"agent {ref!r}: cannot import it ({exc}); its module must be importable "
+                               "(on PYTHONPATH, or next to the recipe)") from None
+    if not callable(target):
+        raise AgentImportError(f"agent {ref!r} is a {type(target).__name__}, not a @rollout function")
+    return target if isinstance(target, Agent) else Agent(target)

@@ -60,6 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(handler=_cmd_train)
 
+    p = sub.add_parser("dev", help="dry run: a few rollouts of the recipe's agent, each transcript printed",
+                       description="Run the agent greedily on the first N tasks (of --tasks, or the recipe's "
+                       "data.val) through the gateway and print each rollout's messages, tool calls, output and "
+                       "reward: debug an agent before training it.")
+    _add_recipe_args(p)
+    p.add_argument("--tasks", help="a .jsonl file (default: the recipe's validation sets)")
+    p.add_argument("-n", type=int, default=2, help="how many rollouts (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(handler=_cmd_dev)
+
+    p = sub.add_parser("recipe", help="recipe tools: `schema` lists every field with type, default, description")
+    recipe_sub = p.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")
+    q = recipe_sub.add_parser("schema", help="every recipe field: type, default and description",
+                              description="The reference of the recipe schema (rltrain/recipes.py), the same "
+                              "fields as the Python API's keyword arguments and algorithm configs.")
+    q.add_argument("--format", choices=["text", "markdown"], default="text",
+                   help="`text` (default) or a `markdown` table")
+    q.set_defaults(handler=_cmd_recipe_schema)
+
     p = sub.add_parser("escalate", help="climb baseline -> APO -> warm start -> GRPO/PPO until the target is met",
                        description="Evaluate the agent, optimise its prompt (the recipe's `apo:` section), then "
                        "warm-start (`warm_start:`) and train its weights (`algorithm:`) from the best prompt, "
@@ -111,39 +130,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- handlers -----------------------------------------------------------------------------------------------
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, *([f"name={args.name}"] if args.name else [])]
+
+
 def _load(args: argparse.Namespace, recipe_path: str | None) -> Any:
     from rltrain.recipes import Recipe, load_recipe, parse_recipe
 
-    overrides = list(args.overrides)
-    if args.name:
-        overrides.append(f"name={args.name}")
+    overrides = _overrides(args)
     recipe: Recipe = load_recipe(recipe_path, overrides) if recipe_path else parse_recipe({}, "<defaults>", overrides)
     return recipe
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _trainer(args: argparse.Namespace, recipe_path: str | None) -> Any:
+    """The Trainer the Python API builds from the same recipe (``Trainer.from_recipe``)."""
     from rltrain.trainer import Trainer
 
+    progress = not getattr(args, "no_progress", False)
+    if recipe_path:
+        return Trainer.from_recipe(recipe_path, _overrides(args), progress=progress)
+    return Trainer(_load(args, None), progress=progress)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
     overrides = []
     if args.catalog:
         overrides.append(f"env.options.catalog={args.catalog}")
     if args.limit:
         overrides.append(f"data.limit={args.limit}")
     args.overrides = overrides + args.overrides
-    recipe = _load(args, args.recipe)
-    trainer = Trainer(recipe, progress=not args.no_progress)
+    trainer = _trainer(args, args.recipe)
+    recipe = trainer.recipe
     try:
+        run = trainer.run
         specs = [args.tasks] if args.tasks else [recipe.data.val, *recipe.data.extra_eval]
-        task_sets = {spec: trainer.load_tasks(spec) for spec in specs}
-        agent = trainer.env.reference_agent() if args.agent == "solver" else None
-        summaries = trainer.evaluate(task_sets, agent=agent, label="eval")
+        task_sets = {spec: run.load_tasks(spec) for spec in specs}
+        agent = run.env.reference_agent() if args.agent == "solver" else None
+        summaries = run.evaluate(task_sets, agent=agent, label="eval")
     finally:
         trainer.close()
     if args.json:
         sys.stdout.write(json.dumps({"run_dir": str(trainer.run_dir),
                                      "summaries": [s.model_dump() for s in summaries]}) + "\n")
         return 0
-    _print_summaries(f"{recipe.model.name} on {recipe.env.name} ({args.agent})", summaries)
+    _print_summaries(f"{recipe.model.name} on {recipe.agent or recipe.env.name} ({args.agent})", summaries)
     logging.getLogger("rltrain").info("run directory: %s", trainer.run_dir)
     return 0
 
@@ -163,10 +193,7 @@ def _print_summaries(title: str, summaries: list[Any]) -> None:
     Console().print(table)
 
 
-def _train(recipe: Any, resume: bool, progress: bool) -> int:
-    from rltrain.trainer import Trainer
-
-    trainer = Trainer(recipe, progress=progress)
+def _train(trainer: Any, resume: bool) -> int:
     try:
         final = trainer.fit(resume=resume)
     finally:
@@ -183,7 +210,23 @@ def _train(recipe: Any, resume: bool, progress: bool) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    return _train(_load(args, args.recipe), resume=False, progress=not args.no_progress)
+    return _train(_trainer(args, args.recipe), resume=False)
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    trainer = _trainer(args, args.recipe)
+    try:
+        trainer.dev(dataset=args.tasks, n=args.n)
+    finally:
+        trainer.close()
+    return 0
+
+
+def _cmd_recipe_schema(args: argparse.Namespace) -> int:
+    from rltrain.recipe_schema import render_schema
+
+    sys.stdout.write(render_schema(args.format))
+    return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
@@ -193,7 +236,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     recipe = load_recipe(run_dir / "recipe.yaml")
     if recipe.run_dir.resolve() != run_dir.resolve():
         recipe = recipe.model_copy(update={"output_dir": str(run_dir.parent), "name": run_dir.name})
-    return _train(recipe, resume=True, progress=not args.no_progress)
+    from rltrain.trainer import Trainer
+
+    return _train(Trainer(recipe, progress=not args.no_progress), resume=True)
 
 
 def _cmd_escalate(args: argparse.Namespace) -> int:
@@ -272,6 +317,9 @@ USER_ERRORS = frozenset({
     "rltrain.envs.UnknownEnvironmentError",
     "rltrain.envs.room_selection.tasks.TaskSpecError",
     "rltrain.models.ModelNotFoundError",
+    "rltrain.agent.AgentImportError",
+    "rltrain.task_data.TaskDataError",
+    "rltrain.envs.agent_env.NoTeacherError",
     "rltrain.serving.GatewayConfigError",
     "rltrain.algorithms.apo.APOError",
     "rltrain.escalation.EscalationError",

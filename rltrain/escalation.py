@@ -173,21 +173,21 @@ class Ladder:
             return self.result.reached is not None
         rl = Trainer(self._sub_recipe("apo", algorithm=None, warm_start=None), progress=self.progress)
         try:
-            sets = rl.eval_sets()
-            policies = getattr(rl.env, "reference_policies", None)
+            sets = rl.run.eval_sets()
+            policies = getattr(rl.run.env, "reference_policies", None)
             if policies is not None:
                 self.result.reference_policies = {name: policies(tasks) for name, tasks in sets.items()}
             with ServingStack(rl.recipe, rl.store) as stack:
                 if self.result.rung("baseline") is None:
                     started = time.perf_counter()
-                    summaries = rl.evaluate(sets, stack=stack, label="baseline")
+                    summaries = rl.run.evaluate(sets, stack=stack, label="baseline")
                     rung = RungResult(name="baseline", summaries=summaries, wall_s=time.perf_counter() - started,
                                       agent_tokens=sum(s.prompt_tokens + s.completion_tokens for s in summaries))
                     if self._record(rung):
                         return True
                 if self.recipe.apo is None:
                     return False
-                result = optimise_prompt(rl, self.recipe.apo, stack)
+                result = optimise_prompt(rl.run, self.recipe.apo, stack)
         finally:
             rl.close()
         agent = result.usage.get(AGENT_STAGE, {})

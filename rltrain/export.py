@@ -28,14 +28,11 @@ def adapter_dir(run_dir: Path, adapter: str) -> Path:
 
 def export_merged(run_dir: Path, adapter: str, out: Path) -> Path:
     """Load the run's base model, apply the adapter, merge it and save model + tokenizer to ``out``."""
-    from peft import PeftModel
-
-    from rltrain.models import load_model_and_tokenizer
+    from rltrain.models import load_policy
 
     recipe = load_recipe(run_dir / "recipe.yaml")
     source = adapter_dir(run_dir, adapter)
-    model, tokenizer = load_model_and_tokenizer(recipe.model.name, dtype=recipe.model.dtype, device="cpu")
-    merged = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
+    merged, tokenizer = load_policy(recipe.model.name, source, dtype=recipe.model.dtype, device="cpu")
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)

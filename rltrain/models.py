@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -49,6 +49,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ModelNotFoundError(LookupError):
     """No local weights for the requested model; the message says where we looked and how to provide them."""
+
+
+class AdapterNotFoundError(ModelNotFoundError):
+    """``model.adapter`` names a folder without a LoRA adapter."""
 
 
 def cache_root() -> Path:
@@ -149,6 +153,42 @@ def load_model_and_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_pad_token(tokenizer)
     return model, tokenizer
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """A LoRA adapter folder (``best/``, ``final/``, ``checkpoints/checkpoint-N/``): one holding
+    ``adapter_config.json``."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        raise AdapterNotFoundError(
+            f"model.adapter: {folder} holds no LoRA adapter (no adapter_config.json); give a run's best/, final/ "
+            "or checkpoints/checkpoint-N/ folder"
+        )
+    return folder
+
+
+def load_policy(
+    name_or_dir: str | Path, adapter: str | Path | None = None, *, dtype: str = "float32", device: str = "cpu",
+    trainable: bool = False,
+) -> tuple[Any, PreTrainedTokenizerBase]:
+    """The base model with ``adapter`` applied, and its tokenizer.
+
+    ``trainable=False`` (evaluation, serving, export) merges the adapter into the weights: the same model a
+    merged export holds, and as fast as the base model. ``trainable=True`` (a training start) keeps it a
+    ``PeftModel`` whose adapter training continues.
+    """
+    model, tokenizer = load_model_and_tokenizer(name_or_dir, dtype=dtype, device=device)
+    if adapter is None:
+        return model, tokenizer
+    from peft import PeftModel
+
+    folder = adapter_folder(adapter)
+    logger.info("applying the LoRA adapter %s to %s", folder, name_or_dir)
+    if trainable:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=True), tokenizer
+    merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    merged.eval()
+    return merged, tokenizer
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:

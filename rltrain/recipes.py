@@ -9,13 +9,27 @@ name the file, the dotted field path, the value given and what was expected, wit
 from __future__ import annotations
 
 import difflib
+import importlib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rltrain.types import SamplingParams
+
+if TYPE_CHECKING:
+    from rltrain.metrics import EvalSummary
+    from rltrain.run_context import RunContext
 
 
 class RecipeError(ValueError):
@@ -25,6 +39,16 @@ class RecipeError(ValueError):
 #: what ``yaml.safe_load`` raises on bad text: its own errors, ValueError for values its constructors reject
 #: (``2001-02-30``, ``!!int five``) and RecursionError for nesting deeper than the parser recurses
 _YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
+
+
+def agent_reference(value: Any) -> Any:
+    """A recipe names an agent as ``module:attribute``; Python code may pass the ``@rollout`` function itself,
+    which is registered under that name (so agents defined in a script or a test resolve too)."""
+    if value is None or isinstance(value, str) or not callable(value):
+        return value
+    from rltrain.agent import register_agent
+
+    return register_agent(value)
 
 
 class _Section(BaseModel):
@@ -45,6 +69,14 @@ class ModelConfig(_Section):
     device: str = Field(default="cpu", description="`cpu`, `cuda`, `cuda:1`, ...")
     num_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (None = torch's default)."
+    )
+    adapter: str | None = Field(
+        default=None,
+        description="A trained LoRA adapter applied on top of `name`: a run's `best/`, `final/` or "
+        "`checkpoints/checkpoint-N/` folder (any folder holding `adapter_config.json`). `eval` and `serve` then "
+        "run the adapted model without a merged export, APO optimises prompts for it, and GRPO/PPO/SFT continue "
+        "training it instead of a fresh adapter. A relative path in a recipe file is read from the recipe's "
+        "folder when it exists there.",
     )
 
 
@@ -185,6 +217,8 @@ class SamplingConfig(_Section):
 
 
 class StoreConfig(_Section):
+    """Where rollouts and spans are recorded."""
+
     kind: Literal["sqlite", "memory"] = Field(default="sqlite", description="`sqlite` (durable) or `memory`.")
 
 
@@ -208,7 +242,33 @@ class LoraConfig(_Section):
         )
 
 
-class RLSection(_Section):
+class AlgorithmConfig(_Section):
+    """What every algorithm section shares: its metric sinks, and how the Trainer runs it.
+
+    The Trainer holds the section (the algorithm object of ``Trainer(algorithm=GRPO(...))``) and calls its
+    :meth:`fit` with a :class:`rltrain.run_context.RunContext`, the narrow interface through which the algorithm
+    gets the store, the serving stack, the runner, the metrics and evaluation. The implementation is imported
+    only then (``entry_point``), so a recipe is validated without torch and TRL.
+    """
+
+    #: ``module:function`` that runs the algorithm, ``(run, resume=..., stop_at=...) -> final validation``
+    entry_point: ClassVar[str]
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Extra metric sinks besides metrics.jsonl: `tensorboard` (under the run directory), "
+        "`wandb`, `mlflow` (each needs its package installed).",
+    )
+
+    def fit(self, run: RunContext, *, resume: bool = False, stop_at: float | None = None) -> list[EvalSummary]:
+        """Run this algorithm in ``run``; returns the final validation summaries. ``stop_at`` (GRPO/PPO after
+        a warm start) skips the RL steps when the warm start already reaches that accuracy."""
+        module, _, function = self.entry_point.partition(":")
+        train = getattr(importlib.import_module(module), function)
+        return train(run, resume=resume, **({} if stop_at is None else {"stop_at": stop_at}))
+
+
+class RLSection(AlgorithmConfig):
     """What GRPO and PPO share: both run TRL's GRPOTrainer on the agents' rollouts with the same clipped policy
     loss and differ only in their advantages; field names and meanings follow `trl.GRPOConfig`."""
 
@@ -257,9 +317,6 @@ class RLSection(_Section):
     )
     eval_steps: int = Field(default=10, ge=1, description="Validate every N steps (and before/after).")
     save_steps: int = Field(default=10, ge=1, description="Checkpoint every N steps.")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=list, description="Extra metric sinks besides metrics.jsonl."
-    )
     vllm_importance_sampling_correction: bool = Field(
         default=True,
         description="engine.kind=vllm: weight each token's loss by the ratio of the trainer's probability to "
@@ -297,7 +354,8 @@ class RLSection(_Section):
 class GRPOSection(RLSection):
     """GRPO through TRL's GRPOTrainer: advantages from the rewards of each task's group of rollouts."""
 
-    name: Literal["grpo"] = "grpo"
+    entry_point: ClassVar[str] = "rltrain.algorithms.grpo:train_grpo"
+    name: Literal["grpo"] = Field(default="grpo", description="The algorithm (the default when `name` is omitted).")
     scale_rewards: Literal["group", "batch", "none"] = Field(
         default="group", description="Advantage scaling: by group std, batch std, or centring only."
     )
@@ -327,7 +385,8 @@ class PPOSection(RLSection):
     """PPO on TRL's GRPOTrainer: the same rollouts, rows and clipped policy loss as GRPO, with per-token
     advantages from a learned value function (GAE over the policy tokens) instead of group statistics."""
 
-    name: Literal["ppo"] = "ppo"
+    entry_point: ClassVar[str] = "rltrain.algorithms.ppo:train_ppo"
+    name: Literal["ppo"] = Field(default="ppo", description="The algorithm.")
     gamma: float = Field(default=1.0, ge=0.0, le=1.0, description="Discount per policy token.")
     lam: float = Field(default=0.95, ge=0.0, le=1.0, description="GAE lambda (0 = one-step TD, 1 = Monte Carlo).")
     whiten_advantages: bool = Field(
@@ -357,12 +416,26 @@ class WarmStartConfig(_Section):
 
     sources: list[Literal["teacher", "self"]] = Field(
         default_factory=lambda: ["teacher"], min_length=1,
-        description="Where demonstrations come from: `teacher` (the env's teacher agent, once per task) and/or "
+        description="Where demonstrations come from: `teacher` (the teacher agent, once per task) and/or "
         "`self` (the recipe's agent, samples_per_task times per task, rewarded rollouts kept).",
     )
-    teacher_mode: str = Field(
-        default="teacher", description="The environment's agent mode that produces demonstrations."
+    teacher: str | None = Field(
+        default=None,
+        description="The teacher agent: any `@rollout` function, as `module:attribute` in YAML or the function "
+        "itself in Python (`SFT(teacher=my_teacher)`). It runs through the gateway like the agent; to "
+        "demonstrate a reply it did not sample (a solver's, a stronger model's) it sends it with "
+        "`rltrain.reply_with`. None = the environment's agent of mode `teacher_mode`.",
     )
+    teacher_mode: str = Field(
+        default="teacher",
+        description="With `teacher` unset: the environment's agent mode that produces demonstrations "
+        "(room_selection: `teacher`, the solver's answer sent through the gateway).",
+    )
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _teacher_reference(cls, value: Any) -> Any:
+        return agent_reference(value)
     tasks: str | None = Field(default=None, description="Task spec to collect on (None = data.train).")
     samples_per_task: int = Field(
         default=4, ge=1, description="Rejection sampling (`self`): rollouts per task, at sampling.train."
@@ -383,11 +456,12 @@ class WarmStartConfig(_Section):
     )
 
 
-class SFTSection(WarmStartConfig):
+class SFTSection(WarmStartConfig, AlgorithmConfig):
     """`algorithm: sft`: the warm start as a run of its own, validated before and after (the adapter is saved
     as `final` and `best`)."""
 
-    name: Literal["sft"] = "sft"
+    entry_point: ClassVar[str] = "rltrain.algorithms.sft:train_sft_run"
+    name: Literal["sft"] = Field(default="sft", description="The algorithm.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
@@ -454,10 +528,11 @@ class APOConfig(_Section):
     )
 
 
-class APOSection(APOConfig):
+class APOSection(APOConfig, AlgorithmConfig):
     """`algorithm: apo`: prompt optimisation as a run of its own (`rltrain train`)."""
 
-    name: Literal["apo"] = "apo"
+    entry_point: ClassVar[str] = "rltrain.algorithms.apo:train_apo"
+    name: Literal["apo"] = Field(default="apo", description="The algorithm.")
 
 
 class EscalateConfig(_Section):
@@ -487,6 +562,12 @@ class Recipe(_Section):
     name: str = Field(default="run", description="Run name; the run directory is `<output_dir>/<name>`.")
     output_dir: str = Field(default="runs", description="Parent folder of run directories.")
     seed: int = Field(default=0, description="Seed for sampling, data order and initialisation.")
+    agent: str | None = Field(
+        default=None,
+        description="Your own `@rollout` agent as `module:attribute` (importable: on PYTHONPATH or next to the "
+        "recipe); tasks then come from `data.*` as .jsonl files and prompts from `prompts:`, no environment "
+        "class needed. None = the agent of `env`. In Python, `trainer.fit(agent, ...)` sets it.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
@@ -516,6 +597,18 @@ class Recipe(_Section):
         description="Supervised warm start of the adapter before GRPO or PPO (the algorithm section's `lora` is "
         "the adapter it trains, and RL continues it).",
     )
+
+    @field_validator("agent", mode="before")
+    @classmethod
+    def _agent_reference(cls, value: Any) -> Any:
+        return agent_reference(value)
+
+    @model_validator(mode="after")
+    def _check_agent(self) -> Recipe:
+        if self.agent is not None and "env" in self.model_fields_set:
+            raise ValueError("agent and env are alternatives: `agent:` is your own @rollout function with tasks "
+                             "from data.*; `env:` a packaged task family with its own agents. Keep one")
+        return self
 
     @model_validator(mode="after")
     def _check_name(self) -> Recipe:
@@ -637,6 +730,29 @@ def parse_recipe(data: Any, source: str = "<recipe>", overrides: list[str] | Non
         raise RecipeError(format_validation_error(exc, source)) from None
 
 
+#: recipe fields that hold a file or folder path, as (section, field); a list field holds several
+_PATH_FIELDS = (("data", "train"), ("data", "val"), ("data", "extra_eval"), ("data", "select"),
+                ("warm_start", "tasks"), ("algorithm", "tasks"), ("algorithm", "val_tasks"), ("apo", "val_tasks"),
+                ("model", "adapter"))
+
+
+def _relative_to(base: Path, value: Any) -> Any:
+    if isinstance(value, list):
+        return [_relative_to(base, v) for v in value]
+    if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+        return str((base / value).resolve())
+    return value
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths that exist next to the recipe are read from there (others stay as given: task specs
+    such as ``public:val``, or paths meant for the current directory)."""
+    for section, key in _PATH_FIELDS:
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            node[key] = _relative_to(base, node[key])
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe file; every problem is a :class:`RecipeError` naming file and field."""
     path = Path(path)
@@ -648,6 +764,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = yaml.safe_load(text)
     except _YAML_ERRORS as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict):
+        _resolve_paths(data, path.parent)
     return parse_recipe(data, str(path), overrides)
 
 

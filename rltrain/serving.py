@@ -90,6 +90,12 @@ class ServingStack:
         }
         if self._model is not None:
             return TransformersEngine(self._model, self._tokenizer, model_name=recipe.model.name, **common)
+        if recipe.model.adapter is not None:  # the adapter merged on load: the weights a merged export holds
+            from rltrain.models import load_policy
+
+            model, tokenizer = load_policy(recipe.model.name, recipe.model.adapter, dtype=recipe.model.dtype,
+                                           device=recipe.model.device)
+            return TransformersEngine(model, tokenizer, model_name=recipe.model.name, **common)
         logger.info("loading %s", recipe.model.name)
         return TransformersEngine.from_pretrained(
             recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device, **common
@@ -100,6 +106,11 @@ class ServingStack:
         from rltrain.algorithms.weight_sync import publish_served_weights
         from rltrain.engines.vllm import VLLMEngine
 
+        if self.recipe.model.adapter is not None and self._model is None:
+            raise GatewayConfigError(
+                "model.adapter with engine.kind=vllm: loading an adapter into vLLM at start (--lora-modules) is not "
+                "wired yet; use engine.kind=transformers, or `rltrain export` the adapter and serve the merged model"
+            )
         engine = VLLMEngine.from_recipe(self.recipe, tokenizer=self._tokenizer)
         if self._model is not None:
             try:

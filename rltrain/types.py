@@ -208,10 +208,10 @@ class LLMCallRecord(_Record):
 class SamplingParams(_Record):
     """Sampling settings lent to the agent with the llm resource (the agent may pass them to its client)."""
 
-    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=64, ge=1)
-    seed: int | None = None
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep this probability mass.")
+    max_tokens: int = Field(default=64, ge=1, description="Longest completion of one model call, in tokens.")
+    seed: int | None = Field(default=None, description="Sampling seed of each call (None = unseeded).")
 
 
 class LLMResource(_Record):

@@ -35,7 +35,7 @@ def recipe_for(tmp_path: Path, model: str, **extra):
 def test_evaluate_through_gateway_records_everything(tmp_path: Path, tiny_model_dir: Path) -> None:
     trainer = Trainer(recipe_for(tmp_path, str(tiny_model_dir)), progress=False)
     try:
-        [summary] = trainer.evaluate(trainer.eval_sets())
+        [summary] = trainer.run.evaluate(trainer.run.eval_sets())
         rollouts = trainer.store.list_rollouts(mode="eval")
     finally:
         trainer.close()

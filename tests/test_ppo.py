@@ -253,7 +253,7 @@ def test_value_loss_falls_on_a_fixed_batch_through_the_trainer(tmp_path: Path, t
     try:
         assert isinstance(recipe.algorithm, PPOSection)
         factory = functools.partial(AgentPPOTrainer, section=recipe.algorithm, model_config=recipe.model)
-        train_with_rollouts(rl, recipe.algorithm, factory, FixedBatchDriver, grpo_config(rl, recipe.algorithm))
+        train_with_rollouts(rl.run, recipe.algorithm, factory, FixedBatchDriver, grpo_config(rl.run, recipe.algorithm))
     finally:
         rl.close()
     logs = train_records(tmp_path / "ppo-tiny")

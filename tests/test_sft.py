@@ -69,7 +69,7 @@ def test_rejection_sampled_sft_trains_only_assistant_tokens_of_rewarded_rollouts
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
     try:
         with ServingStack(trainer.recipe, trainer.store, model=model, tokenizer=tokenizer) as stack:
-            rows, metrics = collect_demonstrations(trainer, stack, config)
+            rows, metrics = collect_demonstrations(trainer.run, stack, config)
         rollouts = trainer.store.list_rollouts(mode="warm_start")
         assert len(rollouts) == 16 == metrics["warm_start/self/collected"]
         rewarded = {r.rollout_id for r in rollouts if r.reward == 1.0}
@@ -114,13 +114,13 @@ def test_teacher_demonstrations_are_tokenised_by_the_gateway_like_any_rollout(
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
     try:
         with ServingStack(trainer.recipe, trainer.store, model=model, tokenizer=tokenizer) as stack:
-            rows, metrics = collect_demonstrations(trainer, stack, WarmStartConfig())
-            tasks = trainer.load_tasks("public:train")
-            trainer.evaluate({"inline": tasks}, stack=stack, label="inline")  # the student's own requests
+            rows, metrics = collect_demonstrations(trainer.run, stack, WarmStartConfig())
+            tasks = trainer.run.load_tasks("public:train")
+            trainer.run.evaluate({"inline": tasks}, stack=stack, label="inline")  # the student's own requests
         teacher = trainer.store.list_rollouts(mode="warm_start")
         student = {r.task.id: r for r in trainer.store.list_rollouts(mode="eval")}
         assert metrics["warm_start/teacher/kept"] == 3 == len(rows) == len(teacher)
-        expected = {t.id: solve(request_of(t.payload), trainer.env.catalog) for t in tasks}
+        expected = {t.id: solve(request_of(t.payload), trainer.run.env.catalog) for t in tasks}
         assert metrics["warm_start/teacher/answer_distribution"] == {
             answer: list(expected.values()).count(answer) / 3 for answer in set(expected.values())
         }

@@ -36,8 +36,8 @@ from rltrain.recipes import APOConfig
 from rltrain.types import PromptTemplate, PromptTemplateError, Task
 
 if TYPE_CHECKING:
+    from rltrain.run_context import RunContext
     from rltrain.serving import ServingStack
-    from rltrain.trainer import Trainer as RLTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def edit_messages(template: str, critique: str, placeholders: list[str]) -> list
 class BeamSearch:
     """The APO loop for one recipe; ``run`` returns the best candidate (resuming from ``apo/`` if present)."""
 
-    def __init__(self, rl: RLTrainer, config: APOConfig, stack: ServingStack) -> None:
+    def __init__(self, rl: RunContext, config: APOConfig, stack: ServingStack) -> None:
         self.rl = rl
         self.config = config
         self.stack = stack
@@ -302,7 +302,7 @@ class BeamSearch:
         return self.candidates[beam[0]]
 
 
-def optimise_prompt(rl: RLTrainer, config: APOConfig, stack: ServingStack) -> APOResult:
+def optimise_prompt(rl: RunContext, config: APOConfig, stack: ServingStack) -> APOResult:
     """Run (or resume) APO, write ``apo/best_prompt.txt`` and ``apo/result.json``, and evaluate the best prompt
     on the recipe's validation sets (label ``apo``)."""
     started = time.perf_counter()
@@ -329,7 +329,7 @@ def best_prompts(overrides: dict[str, str], apo_run_dir: Path, prompt_name: str)
     return {**overrides, prompt_name: (apo_run_dir / "apo" / "best_prompt.txt").read_text()}
 
 
-def train_apo(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
+def train_apo(rl: RunContext, resume: bool = False) -> list[EvalSummary]:
     """``algorithm: apo`` as a run of its own: baseline validation, APO, validation of the best prompt."""
     from rltrain.algorithms.run_state import accuracies
     from rltrain.serving import ServingStack

@@ -49,7 +49,7 @@ from rltrain.store.base import Store
 from rltrain.types import Resources, Rollout, Span, Task, Trajectory
 
 if TYPE_CHECKING:
-    from rltrain.trainer import Trainer as RLTrainer
+    from rltrain.run_context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class AgentGRPOTrainer(GRPOTrainer):
 class _RunCallback(TrainerCallback):
     """Validation every ``eval_steps`` (best adapter kept), TRL's logs into metrics.jsonl, the plot."""
 
-    def __init__(self, rl: RLTrainer, stack: ServingStack, section: RLSection, model: Any) -> None:
+    def __init__(self, rl: RunContext, stack: ServingStack, section: RLSection, model: Any) -> None:
         self.rl = rl
         self.stack = stack
         self.section = section
@@ -344,7 +344,7 @@ class _RunCallback(TrainerCallback):
             self.rl.metrics.write({"event": "train", **logs}, step=state.global_step)
 
 
-def grpo_config(rl: RLTrainer, section: RLSection, **fields: Any) -> GRPOConfig:
+def grpo_config(rl: RunContext, section: RLSection, **fields: Any) -> GRPOConfig:
     """TRL's config from the recipe's shared GRPO/PPO fields; ``fields`` adds the algorithm's own."""
     recipe = rl.recipe
     sampling = recipe.sampling.train
@@ -386,7 +386,7 @@ def grpo_config(rl: RLTrainer, section: RLSection, **fields: Any) -> GRPOConfig:
     )
 
 
-def train_grpo(rl: RLTrainer, resume: bool = False, stop_at: float | None = None) -> list[EvalSummary]:
+def train_grpo(rl: RunContext, resume: bool = False, stop_at: float | None = None) -> list[EvalSummary]:
     """The whole GRPO run (see :func:`train_with_rollouts`)."""
     section = rl.recipe.algorithm
     assert isinstance(section, GRPOSection)
@@ -396,7 +396,7 @@ def train_grpo(rl: RLTrainer, resume: bool = False, stop_at: float | None = None
 
 
 def train_with_rollouts(
-    rl: RLTrainer,
+    rl: RunContext,
     section: RLSection,
     trainer_factory: Callable[..., AgentGRPOTrainer],
     driver_cls: type[RolloutDriver],
@@ -412,7 +412,7 @@ def train_with_rollouts(
     """
     from datasets import Dataset
 
-    from rltrain.models import load_model_and_tokenizer
+    from rltrain.models import load_policy
 
     recipe = rl.recipe
     checkpoint = None
@@ -424,14 +424,15 @@ def train_with_rollouts(
         raise ValueError(f"data.train is not set: {section.name.upper()} needs training tasks")
     train_tasks = rl.load_tasks(train_spec)
     rl.eval_sets()  # a bad task spec fails here, before minutes of model loading
-    model, tokenizer = load_model_and_tokenizer(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
-    peft_config = section.lora.to_peft()
+    model, tokenizer = load_policy(recipe.model.name, recipe.model.adapter, dtype=recipe.model.dtype,
+                                   device=recipe.model.device, trainable=True)
+    peft_config = section.lora.to_peft() if recipe.model.adapter is None else None  # else training continues it
     warm = None
     if recipe.warm_start is not None:
         warm = warm_start(rl, model, tokenizer, recipe.warm_start, section.lora, resume=resume)
         model, peft_config = warm.model, None  # RL continues this adapter (a checkpoint, on resume, replaces it)
     driver = driver_cls(
-        agent=rl.env.agent(recipe.env.mode), env=rl.env, store=rl.store, tasks=train_tasks, section=section,
+        agent=rl.agent(), env=rl.env, store=rl.store, tasks=train_tasks, section=section,
         runner_config=recipe.runner, metrics=rl.metrics, progress=rl.progress,
     )
     trl_trainer = trainer_factory(
@@ -474,7 +475,7 @@ def train_with_rollouts(
     return chosen_result(rl, final)
 
 
-def chosen_result(rl: RLTrainer, final: list[EvalSummary]) -> list[EvalSummary]:
+def chosen_result(rl: RunContext, final: list[EvalSummary]) -> list[EvalSummary]:
     """What a run reports: with ``data.select``, the validation of the adapter chosen on it (``best/``, maybe an
     earlier step than the last); without, the last adapter's."""
     select = rl.recipe.data.select

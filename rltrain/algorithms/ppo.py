@@ -47,7 +47,7 @@ from rltrain.recipes import ModelConfig, PPOSection
 from rltrain.types import Resources, Task
 
 if TYPE_CHECKING:
-    from rltrain.trainer import Trainer as RLTrainer
+    from rltrain.run_context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class AgentPPOTrainer(AgentGRPOTrainer):
         self.critic.load(Path(resume_from_checkpoint))
 
 
-def train_ppo(rl: RLTrainer, resume: bool = False, stop_at: float | None = None) -> list[EvalSummary]:
+def train_ppo(rl: RunContext, resume: bool = False, stop_at: float | None = None) -> list[EvalSummary]:
     """The whole PPO run: like GRPO's (warm start, validation, checkpoints, resume), with the PPO trainer."""
     section = rl.recipe.algorithm
     assert isinstance(section, PPOSection)

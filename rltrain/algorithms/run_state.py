@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rltrain.metrics import EvalSummary
 
 if TYPE_CHECKING:
-    from rltrain.trainer import Trainer as RLTrainer
+    from rltrain.run_context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def last_complete_checkpoint(checkpoints_dir: Path) -> str | None:
     return None
 
 
-def settle_interrupted(rl: RLTrainer, checkpoint: str | None) -> None:
+def settle_interrupted(rl: RunContext, checkpoint: str | None) -> None:
     """Before resuming: cancel rollouts a killed process left queued/running, and drop metric lines of steps
     after the checkpoint (they will be produced again), so nothing is counted twice."""
     from rltrain.metrics import rewrite_metrics

@@ -38,7 +38,7 @@ from rltrain.types import Task, Trajectory
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from rltrain.trainer import Trainer as RLTrainer
+    from rltrain.run_context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class WarmStart:
 
 # -- demonstrations -----------------------------------------------------------------------------------------
 def collect_demonstrations(
-    rl: RLTrainer, stack: ServingStack, config: WarmStartConfig
+    rl: RunContext, stack: ServingStack, config: WarmStartConfig
 ) -> tuple[list[Trajectory], dict[str, Any]]:
     """Run the configured sources through ``stack`` and keep the rewarded rollouts as rows.
 
@@ -93,15 +93,17 @@ def collect_demonstrations(
 
 
 def _collect(
-    rl: RLTrainer, stack: ServingStack, config: WarmStartConfig, source: str, tasks: list[Task]
+    rl: RunContext, stack: ServingStack, config: WarmStartConfig, source: str, tasks: list[Task]
 ) -> tuple[list[Trajectory], dict[str, Any]]:
     recipe = rl.recipe
     if source == "teacher":  # a teacher gives its replies; sampling does not apply, greedy is the plain choice
-        mode, sampling, per_task = config.teacher_mode, recipe.sampling.eval, 1
+        # a teacher agent of your own reads the agent's prompts; an environment's teacher mode its own
+        agent, sampling, per_task = rl.teacher(), recipe.sampling.eval, 1
+        mode = recipe.env.mode if config.teacher else config.teacher_mode
     else:
-        mode, sampling, per_task = recipe.env.mode, recipe.sampling.train, config.samples_per_task
+        agent, mode, sampling, per_task = rl.agent(), recipe.env.mode, recipe.sampling.train, config.samples_per_task
     resources = rl.resources(stack.model_name, sampling, prompts=rl.prompts(mode))
-    runner = Runner(rl.store, rl.env.agent(mode), stack.url, recipe.runner, progress=rl.progress,
+    runner = Runner(rl.store, agent, stack.url, recipe.runner, progress=rl.progress,
                     on_finished=stack.release)
     result = asyncio.run(runner.run(tasks, resources, mode="warm_start", group_size=per_task,
                                     desc=f"warm start: {source}"))
@@ -267,7 +269,7 @@ def train_sft(
 
 # -- the warm-start stage and the SFT run -----------------------------------------------------------------
 def warm_start(
-    rl: RLTrainer, model: Any, tokenizer: Any, config: WarmStartConfig, lora: LoraConfig, *, resume: bool = False
+    rl: RunContext, model: Any, tokenizer: Any, config: WarmStartConfig, lora: LoraConfig, *, resume: bool = False
 ) -> WarmStart:
     """The warm-start stage of a run: validate the base model (``baseline``), collect demonstrations, train.
 
@@ -296,10 +298,10 @@ def warm_start(
     return result
 
 
-def train_sft_run(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
+def train_sft_run(rl: RunContext, resume: bool = False) -> list[EvalSummary]:
     """``algorithm: sft``: baseline validation, demonstrations, SFT, final validation; the adapter is saved as
     ``final`` (and ``best`` when it beats the best so far)."""
-    from rltrain.models import load_model_and_tokenizer
+    from rltrain.models import load_policy
 
     recipe = rl.recipe
     section = recipe.algorithm
@@ -307,9 +309,8 @@ def train_sft_run(rl: RLTrainer, resume: bool = False) -> list[EvalSummary]:
     if resume:
         settle_interrupted(rl, None)
     rl.eval_sets()  # a bad task spec fails here, before the model is loaded
-    model, tokenizer = load_model_and_tokenizer(
-        recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device
-    )
+    model, tokenizer = load_policy(recipe.model.name, recipe.model.adapter, dtype=recipe.model.dtype,
+                                   device=recipe.model.device, trainable=True)
     started = time.perf_counter()
     result = warm_start(rl, model, tokenizer, section, section.lora, resume=resume)
     train_s = time.perf_counter() - started
