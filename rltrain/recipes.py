@@ -605,7 +605,7 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _check_agent(self) -> Recipe:
-        if self.agent is not None and "env" in self.model_fields_set:
+        if self.agent is not None and self.env != EnvConfig():
             raise ValueError("agent and env are alternatives: `agent:` is your own @rollout function with tasks "
                              "from data.*; `env:` a packaged task family with its own agents. Keep one")
         return self

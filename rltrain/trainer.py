@@ -23,7 +23,15 @@ from rltrain.agent import Agent, register_agent, resolve_agent
 from rltrain.envs import get_env
 from rltrain.envs.agent_env import AgentEnv
 from rltrain.metrics import EvalSummary, MetricsWriter
-from rltrain.recipes import AlgorithmConfig, Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
+from rltrain.recipes import (
+    AlgorithmConfig,
+    EnvConfig,
+    Recipe,
+    RecipeError,
+    dump_recipe,
+    load_recipe,
+    parse_recipe,
+)
 from rltrain.run_context import RunContext
 from rltrain.store import Store, open_store
 from rltrain.task_data import load_task_data, write_jsonl
@@ -146,7 +154,7 @@ class Trainer:
         """Point the recipe at ``agent`` and the datasets given (``train``, ``val``), and record it."""
         update: dict[str, Any] = {}
         if agent is not None:
-            if self.recipe.agent is None and "env" in self.recipe.model_fields_set:
+            if self.recipe.agent is None and self.recipe.env != EnvConfig():
                 raise RecipeError(f"this run's agents come from env {self.recipe.env.name!r}; fit/evaluate "
                                   "take no agent then (or build the Trainer without `env`)")
             update["agent"] = register_agent(agent)
