@@ -243,6 +243,21 @@ class PromptTemplate(_Record):
     template: str
     placeholders: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_placeholders(cls, data: Any) -> Any:
+        """Without ``placeholders`` the template's own ``{names}`` are the ones the agent fills in; Agent
+        Lightning's ``engine="f-string"`` is the only engine there is and is accepted for its users' code."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        engine = data.pop("engine", "f-string")
+        if engine != "f-string":
+            raise PromptTemplateError(f"prompt template engine {engine!r}: only `f-string` (str.format) templates")
+        if "placeholders" not in data and isinstance(data.get("template"), str):
+            data["placeholders"] = sorted(cls.fields_of(data["template"]))
+        return data
+
     @staticmethod
     def fields_of(template: str) -> set[str]:
         """The placeholder names a template uses; raises PromptTemplateError on broken braces."""
