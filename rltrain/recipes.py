@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, g
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -49,6 +49,10 @@ def agent_reference(value: Any) -> Any:
     from rltrain.agent import register_agent
 
     return register_agent(value)
+
+
+#: a ``module:attribute`` string; a ``@rollout`` function given in Python is registered and becomes one
+AgentReference = Annotated[str | None, BeforeValidator(agent_reference)]
 
 
 class _Section(BaseModel):
@@ -419,7 +423,7 @@ class WarmStartConfig(_Section):
         description="Where demonstrations come from: `teacher` (the teacher agent, once per task) and/or "
         "`self` (the recipe's agent, samples_per_task times per task, rewarded rollouts kept).",
     )
-    teacher: str | None = Field(
+    teacher: AgentReference = Field(
         default=None,
         description="The teacher agent: any `@rollout` function, as `module:attribute` in YAML or the function "
         "itself in Python (`SFT(teacher=my_teacher)`). It runs through the gateway like the agent; to "
@@ -431,11 +435,6 @@ class WarmStartConfig(_Section):
         description="With `teacher` unset: the environment's agent mode that produces demonstrations "
         "(room_selection: `teacher`, the solver's answer sent through the gateway).",
     )
-
-    @field_validator("teacher", mode="before")
-    @classmethod
-    def _teacher_reference(cls, value: Any) -> Any:
-        return agent_reference(value)
     tasks: str | None = Field(default=None, description="Task spec to collect on (None = data.train).")
     samples_per_task: int = Field(
         default=4, ge=1, description="Rejection sampling (`self`): rollouts per task, at sampling.train."
@@ -562,7 +561,7 @@ class Recipe(_Section):
     name: str = Field(default="run", description="Run name; the run directory is `<output_dir>/<name>`.")
     output_dir: str = Field(default="runs", description="Parent folder of run directories.")
     seed: int = Field(default=0, description="Seed for sampling, data order and initialisation.")
-    agent: str | None = Field(
+    agent: AgentReference = Field(
         default=None,
         description="Your own `@rollout` agent as `module:attribute` (importable: on PYTHONPATH or next to the "
         "recipe); tasks then come from `data.*` as .jsonl files and prompts from `prompts:`, no environment "
@@ -597,11 +596,6 @@ class Recipe(_Section):
         description="Supervised warm start of the adapter before GRPO or PPO (the algorithm section's `lora` is "
         "the adapter it trains, and RL continues it).",
     )
-
-    @field_validator("agent", mode="before")
-    @classmethod
-    def _agent_reference(cls, value: Any) -> Any:
-        return agent_reference(value)
 
     @model_validator(mode="after")
     def _check_agent(self) -> Recipe:

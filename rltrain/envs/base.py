@@ -3,6 +3,10 @@
 An environment bundles the tasks, the agents that solve them, their default prompts and the vocabulary of
 answers, so that ``rltrain`` can train, evaluate and diagnose any task family through one interface. The
 trainer never imports a particular environment; it asks :func:`rltrain.envs.get_env` for one by name.
+
+Your own agent needs none of this: ``trainer.fit(my_agent, train, val)`` (or ``agent: module:attribute`` in a
+recipe) wraps a bare ``@rollout`` function in :class:`rltrain.envs.agent_env.AgentEnv`. An Environment is for
+packaged task families (room selection) that bring their own task specs, agents, teacher and solver.
 """
 
 from __future__ import annotations
