@@ -246,8 +246,10 @@ def _cmd_escalate(args: argparse.Namespace) -> int:
     from rich.markdown import Markdown
 
     from rltrain.escalation import escalate
+    from rltrain.trainer import agent_modules_next_to
 
     recipe = _load(args, args.recipe)
+    agent_modules_next_to(args.recipe)
     escalate(recipe, progress=not args.no_progress)
     Console().print(Markdown((recipe.run_dir / "report.md").read_text()))
     logging.getLogger("rltrain").info("run directory: %s (report: %s)", recipe.run_dir,

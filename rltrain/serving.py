@@ -106,19 +106,33 @@ class ServingStack:
         from rltrain.algorithms.weight_sync import publish_served_weights
         from rltrain.engines.vllm import VLLMEngine
 
-        if self.recipe.model.adapter is not None and self._model is None:
-            raise GatewayConfigError(
-                "model.adapter with engine.kind=vllm: loading an adapter into vLLM at start (--lora-modules) is not "
-                "wired yet; use engine.kind=transformers, or `rltrain export` the adapter and serve the merged model"
-            )
         engine = VLLMEngine.from_recipe(self.recipe, tokenizer=self._tokenizer)
-        if self._model is not None:
-            try:
+        try:
+            if self._model is not None:
                 publish_served_weights(self.recipe, engine, self._model)
-            except BaseException:
-                engine.close()
-                raise
+            elif self.recipe.model.adapter is not None:
+                self._serve_adapter(engine)
+        except BaseException:
+            engine.close()
+            raise
         return engine
+
+    def _serve_adapter(self, engine: Any) -> None:
+        """``model.adapter`` on vLLM: loaded at runtime (what ``--lora-modules`` does at start) as ``policy-v0``,
+        the version every request that names none is routed to."""
+        from rltrain.algorithms.vllm_checks import adapter_problems
+        from rltrain.models import adapter_folder
+
+        folder = adapter_folder(self.recipe.model.adapter or "").resolve()
+        if not engine.adapters_enabled:
+            raise GatewayConfigError("model.adapter with engine.kind=vllm needs engine.vllm.weight_sync: adapter "
+                                     "(the server's --enable-lora)")
+        problems = adapter_problems(folder, self.recipe.engine.vllm.max_lora_rank)
+        if problems:
+            raise GatewayConfigError("; ".join(problems))
+        engine.load_adapter(0, folder)
+        engine.set_policy_version(0)
+        logger.info("vLLM serves the adapter %s as policy-v0", folder)
 
     def release(self, rollout: Rollout) -> None:
         """Drop the gateway's per-rollout session state once a rollout finished (bounded memory)."""

@@ -56,6 +56,13 @@ def _prompt_texts(initial_resources: dict[str, Any] | None) -> dict[str, str]:
     return texts
 
 
+def agent_modules_next_to(path: str | Path) -> None:
+    """A recipe's own ``agent:`` (or teacher) module may sit next to the recipe file: make that folder importable."""
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
 def _as_dict(value: Any) -> Any:
     return value.model_dump() if hasattr(value, "model_dump") else value
 
@@ -125,8 +132,7 @@ class Trainer:
         """The Trainer a recipe file describes (what ``rltrain train`` runs); a recipe's own ``agent:`` module
         may sit next to it."""
         recipe = load_recipe(path, overrides)
-        if recipe.agent is not None:
-            sys.path.insert(0, str(Path(path).resolve().parent))
+        agent_modules_next_to(path)
         return cls(recipe, progress=progress)
 
     # -- the run context ----------------------------------------------------------------------------------------

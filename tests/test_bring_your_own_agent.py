@@ -151,6 +151,51 @@ def test_adapter_evaluation_equals_the_merged_exports(trained: tuple[Path, list]
     assert results["adapter"][1] != results["base"][1]  # the adapter changed what the model writes
 
 
+def test_adapter_on_vllm_is_loaded_and_routed_like_the_embedded_engines(
+    trained: tuple[Path, list], tiny_model_dir: Path
+) -> None:
+    from fake_vllm import FakeVLLM
+
+    from rltrain.gateway.server import GatewayServer
+
+    run_dir, _ = trained
+    server = FakeVLLM(tiny_model_dir, str(tiny_model_dir), max_lora_rank=16)
+    results = {}
+    with GatewayServer(server.app) as http:
+        for label, engine in (("vllm", {"kind": "vllm", "vllm": {"url": http.base_url}}), ("embedded", {})):
+            trainer = small(run_dir.parent / f"{label}-adapter", {"name": str(tiny_model_dir),
+                                                                   "adapter": str(run_dir / "final")}, engine=engine)
+            try:
+                [summary] = trainer.evaluate(parity_agent, ROWS)
+            finally:
+                trainer.close()
+            results[label] = (summary.accuracy, _completions(run_dir.parent / f"{label}-adapter"))
+    assert server.lora_calls[0] == ("load", "policy-v0")
+    assert {r["model"] for r in server.requests} == {"policy-v0"}
+    assert results["vllm"] == results["embedded"]
+
+
+def test_cli_trains_a_recipe_that_names_its_agent(tmp_path: Path, tiny_model_dir: Path) -> None:
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "byoa_cli_agent.py").write_text(
+        "from rltrain import emit_answer, rollout, reply_with\n\n"
+        "@rollout\ndef teacher(task, resources):\n"
+        "    messages = [{'role': 'user', 'content': resources.prompts['user'].format(word=task['word'])}]\n"
+        "    return 1.0 if reply_with(resources, messages, 'okay').choices[0].message.content == 'okay' else 0.0\n"
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: cli\noutput_dir: {tmp_path}/runs\nagent: tests.test_bring_your_own_agent:parity_agent\n"
+        f"model: {{name: {tiny_model_dir}}}\nprompts: {{user: 'Repeat {{word}}.'}}\n"
+        "data: {train: tasks.jsonl, val: tasks.jsonl}\nsampling: {eval: {max_tokens: 4}}\n"
+        "algorithm: {name: sft, teacher: byoa_cli_agent:teacher, max_steps: 1, batch_size: 2}\n"
+    )
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    recorded = (tmp_path / "runs" / "cli" / "recipe.yaml").read_text()
+    assert f"train: {tmp_path / 'tasks.jsonl'}" in recorded  # read next to the recipe, recorded absolute
+    assert (tmp_path / "runs" / "cli" / "final" / "adapter_config.json").exists()
+
+
 def test_a_plain_agent_is_the_sft_teacher(tmp_path: Path, tiny_model_dir: Path) -> None:
     trainer = small(tmp_path, str(tiny_model_dir), SFT(teacher=parity_teacher, max_steps=2, batch_size=2))
     try:

@@ -123,6 +123,8 @@ def room_selector(task: RoomSelectionTask, llm: LLMResource, prompt_template: Pr
         # Minimize the randomness
         temperature=0.0,
         max_tokens=llm.sampling.max_tokens,  # rltrain: a CPU-sized reply
+        # Uncomment for gpt-5
+        # reasoning_effort="low",
     )
 
     console.print(f"[bold yellow]=== Assistant Message ===[/bold yellow]")
@@ -164,7 +166,7 @@ def room_selector(task: RoomSelectionTask, llm: LLMResource, prompt_template: Pr
                 )
             )
 
-        # Update the messages for the next call
+        # Update the messages for hte next call
         messages.append(
             ChatCompletionAssistantMessageParam(
                 role="assistant",
