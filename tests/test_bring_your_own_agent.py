@@ -253,3 +253,23 @@ def test_recipe_schema_lists_every_field_with_type_default_and_description(capsy
     assert "algorithm.report_to" in heads and "model.adapter" in heads and "algorithm.teacher" in heads
     for section in ALGORITHMS:  # report_to for every algorithm
         assert "report_to" in section.model_fields
+
+
+def test_nothing_below_the_trainer_imports_it() -> None:
+    """Imports run one way: the Trainer holds the algorithm and calls it; algorithms (and what they use) get a
+    RunContext and never import the Trainer, the CLI or the escalation ladder above it."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "rltrain"
+    above = {"rltrain.trainer", "rltrain.cli", "rltrain.escalation", "rltrain.report"}
+    below = [*root.glob("algorithms/*.py"), *root.glob("adapters/*.py"), *root.glob("gateway/*.py"),
+             *root.glob("store/*.py"), *root.glob("envs/**/*.py"),
+             *(root / name for name in ("run_context.py", "runner.py", "serving.py", "recipes.py", "task_data.py",
+                                         "agent.py", "metrics.py", "models.py"))]
+    offenders = []
+    for path in below:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n in above]
+    assert len(below) > 30 and offenders == []
