@@ -99,7 +99,8 @@ def render_schema(fmt: str = "text") -> str:
     fields = schema_fields()
     if fmt == "markdown":
         rows = ["| field | type | default | description |", "| --- | --- | --- | --- |"]
-        rows += [f"| `{f.path}` | `{f.type}` | `{f.default}` | {f.description.replace('|', '/')} |" for f in fields]
+        cell = lambda text: text.replace("|", "\\|")  # a pipe would end the table cell
+        rows += [f"| `{f.path}` | `{cell(f.type)}` | `{cell(f.default)}` | {cell(f.description)} |" for f in fields]
         return "\n".join(rows) + "\n"
     blocks = []
     for f in fields:
