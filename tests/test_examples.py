@@ -47,3 +47,21 @@ def test_calculator_agent_trains_with_grpo_and_uses_its_tool(tmp_path: Path, tin
     metrics = [json.loads(line) for line in (tmp_path / "calc" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics if r.get("event") == "train" and "loss" in r] == [1]
     assert (tmp_path / "calc" / "final" / "adapter_config.json").exists()
+
+
+def test_readme_example_is_short_and_runs(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    """The README's "Bring your own agent" example, as written but for the model (the tiny one here; the README
+    says how long SmolLM2 takes), so the README cannot drift from the API."""
+    import runpy
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme[readme.index("## Bring your own agent"):]
+    code = section[section.index("```python\n") + 10: section.index("```\n", section.index("```python\n") + 10)]
+    assert len(code.splitlines()) < 30
+    assert code.count('"SmolLM2-135M-Instruct"') == 1
+    (tmp_path / "example.py").write_text(code.replace('"SmolLM2-135M-Instruct"', repr(str(tiny_model_dir))))
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(tmp_path / "example.py"), run_name="__main__")
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "capitals" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if r.get("event") == "train" and "loss" in r] == [1, 2]
+    assert json.loads((tmp_path / "runs" / "capitals" / "eval" / "eval.json").read_text())[0]["n"] == 6
