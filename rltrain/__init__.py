@@ -14,10 +14,6 @@ Heavy libraries (torch, transformers, TRL) are imported lazily by the modules th
 from typing import TYPE_CHECKING, Any
 
 from rltrain.agent import emit_answer, emit_reward, reply_with, rollout, tool_span
-from rltrain.recipes import APOSection as APO
-from rltrain.recipes import GRPOSection as GRPO
-from rltrain.recipes import PPOSection as PPO
-from rltrain.recipes import SFTSection as SFT
 from rltrain.types import (
     Attempt,
     LLMResource,
@@ -33,16 +29,30 @@ from rltrain.types import (
 )
 
 if TYPE_CHECKING:
+    from rltrain.recipes import APOSection as APO
+    from rltrain.recipes import GRPOSection as GRPO
+    from rltrain.recipes import PPOSection as PPO
+    from rltrain.recipes import SFTSection as SFT
     from rltrain.trainer import Trainer
 
 __version__ = "0.1.0"
 
 
+#: the algorithm configs: the recipe's ``algorithm:`` sections, by the names the Python API uses
+_ALGORITHMS = {"APO": "APOSection", "GRPO": "GRPOSection", "PPO": "PPOSection", "SFT": "SFTSection"}
+
+
 def __getattr__(name: str) -> Any:
-    if name == "Trainer":  # imported on first use: it pulls in the serving stack, runner and store
+    """The Trainer and the algorithm configs are imported on first use: the Trainer pulls in the serving stack,
+    runner and store, the configs the recipe schema (YAML included)."""
+    if name == "Trainer":
         from rltrain.trainer import Trainer
 
         return Trainer
+    if name in _ALGORITHMS:
+        from rltrain import recipes
+
+        return getattr(recipes, _ALGORITHMS[name])
     raise AttributeError(f"module 'rltrain' has no attribute {name!r}")
 
 
