@@ -43,7 +43,7 @@ def test_calculator_agent_trains_with_grpo_and_uses_its_tool(tmp_path: Path, tin
     with calc.tool_span("calculate", {}) as span:  # outside a rollout the agent's code runs as plain Python
         span.result = 1
     [final] = calc.main(["--model", str(tiny_model_dir), "--run-dir", str(tmp_path / "calc"), "--steps", "1"])
-    assert final.n == 8
+    assert final.n == 4
     metrics = [json.loads(line) for line in (tmp_path / "calc" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics if r.get("event") == "train" and "loss" in r] == [1]
     assert (tmp_path / "calc" / "final" / "adapter_config.json").exists()

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list:
     parser = argparse.ArgumentParser(description="Train a calculator tool agent with GRPO on a local model.")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--run-dir", default="runs/calculator_grpo")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--dev", action="store_true", help="only print two rollouts' transcripts")
     args = parser.parse_args(argv)
     trainer = Trainer(
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> list:
     )
     if args.dev:
         return trainer.dev(calculator_agent, make_tasks(2, seed=1))
-    return trainer.fit(calculator_agent, train_dataset=make_tasks(16, seed=0), val_dataset=make_tasks(8, seed=1))
+    return trainer.fit(calculator_agent, train_dataset=make_tasks(8, seed=0), val_dataset=make_tasks(4, seed=1))
 
 
 if __name__ == "__main__":
