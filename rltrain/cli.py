@@ -321,7 +321,7 @@ USER_ERRORS = frozenset({
     "rltrain.models.ModelNotFoundError",
     "rltrain.agent.AgentImportError",
     "rltrain.task_data.TaskDataError",
-    "rltrain.envs.agent_env.NoTeacherError",
+    "rltrain.envs.agent_env.MissingAgentError",
     "rltrain.serving.GatewayConfigError",
     "rltrain.algorithms.apo.APOError",
     "rltrain.escalation.EscalationError",

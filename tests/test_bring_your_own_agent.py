@@ -211,11 +211,11 @@ def test_a_plain_agent_is_the_sft_teacher(tmp_path: Path, tiny_model_dir: Path) 
 
 
 def test_no_teacher_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from rltrain.envs.agent_env import NoTeacherError
+    from rltrain.envs.agent_env import MissingAgentError
 
     trainer = small(tmp_path, str(tiny_model_dir), SFT(max_steps=1))
     try:
-        with pytest.raises(NoTeacherError, match="SFT\\(teacher=my_teacher\\)"):
+        with pytest.raises(MissingAgentError, match="SFT\\(teacher=my_teacher\\)"):
             trainer.fit(parity_agent, train_dataset=ROWS, val_dataset=ROWS[:2])
     finally:
         trainer.close()

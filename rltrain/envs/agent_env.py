@@ -13,8 +13,8 @@ from rltrain.task_data import load_task_data
 from rltrain.types import PromptTemplate, Span, Task
 
 
-class NoTeacherError(ValueError):
-    """A warm start asked for a teacher, but the run has none."""
+class MissingAgentError(ValueError):
+    """A warm start asked for a teacher, or ``eval --agent solver`` for a reference solver, that the run lacks."""
 
 
 class AgentEnv:
@@ -31,14 +31,14 @@ class AgentEnv:
 
     def agent(self, mode: str) -> Agent:
         if mode == "teacher":
-            raise NoTeacherError(
+            raise MissingAgentError(
                 "the warm start's `teacher` source needs a teacher agent: SFT(teacher=my_teacher) in Python, "
                 "`teacher: module:attribute` in the recipe's warm_start/algorithm section"
             )
         return self._agent
 
     def reference_agent(self) -> Agent:
-        raise NoTeacherError(f"agent {self.name!r} comes with no reference solver (that is an environment's part)")
+        raise MissingAgentError(f"agent {self.name!r} comes with no reference solver (that is an environment's part)")
 
     def default_prompts(self, mode: str) -> dict[str, PromptTemplate]:
         """The run's prompts; the placeholders of each are the ``{names}`` its text uses."""
