@@ -90,6 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--vllm-only", action="store_true",
+                        help="measure the vLLM side only (to compare server settings; prints no table)")
     args = parser.parse_args()
     base = load_recipe(LADDER)
     auto_kind = base.engine.kind  # the recipe says auto; reading it decided
@@ -102,11 +104,10 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(base.model.name)
     figures: dict[str, list[tuple[float, float]]] = {"transformers": [], "vllm": [], "raw": []}
     stores = {kind: MemoryStore() for kind in recipes}
-    stacks = {
-        "vllm": ServingStack(recipes["vllm"], stores["vllm"]).start(),
-        "transformers": ServingStack(recipes["transformers"], stores["transformers"], model=model,
-                                     tokenizer=tokenizer).start(),
-    }
+    stacks = {"vllm": ServingStack(recipes["vllm"], stores["vllm"]).start()}
+    if not args.vllm_only:
+        stacks["transformers"] = ServingStack(recipes["transformers"], stores["transformers"], model=model,
+                                              tokenizer=tokenizer).start()
     try:
         for kind, stack in stacks.items():  # warm-up: first requests compile, allocate, fill caches
             through_gateway(stack.url, stores[kind], chat_prompts()[:2], 4)
@@ -117,6 +118,8 @@ def main() -> None:
                 figures[kind].append(measure(stack, stores[kind], recipes[kind], tasks))
                 log(f"trial {trial + 1} {kind}: chat {figures[kind][-1][0]:.1f} tok/s, "
                     f"GRPO round {figures[kind][-1][1]:.2f} rollouts/s (load {os.getloadavg()[0]:.2f})")
+            if args.vllm_only:
+                continue
             wall, generated = raw_generate(model, tokenizer, chat_prompts(), CHAT_TOKENS)
             figures["raw"].append((generated / wall, raw_grpo_round(model, tokenizer, base, tasks)))
             log(f"trial {trial + 1} raw: chat {figures['raw'][-1][0]:.1f} tok/s, "
@@ -124,6 +127,8 @@ def main() -> None:
     finally:
         for stack in stacks.values():
             stack.stop()
+    if args.vllm_only:
+        return
     chat = {kind: median([f[0] for f in values]) for kind, values in figures.items()}
     grpo = {kind: median([f[1] for f in values]) for kind, values in figures.items()}
     default = f"engine.kind auto -> {auto_kind}"
