@@ -18,7 +18,7 @@ from typing import Any
 
 import openai
 import pytest
-import torch
+from adapter_sync import make_adapter
 from fake_vllm import FakeVLLM
 
 from rltrain.engines.base import ContextLengthError, EngineError, GenerationRequest, GenerationResult
@@ -260,23 +260,6 @@ def test_context_overflow_is_caught_before_sending(engine: VLLMEngine, fake: tup
     with pytest.raises(ContextLengthError, match="exceeds the context of 2048"):
         generate(engine, max_tokens=2048)
     assert len(fake[0].requests) == sent
-
-
-def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj")
-                 ) -> Path:
-    """A LoRA adapter with random (non-zero) B matrices, so that it changes the model's outputs."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 2.0)
-    model.save_pretrained(out)
-    return out
 
 
 def test_adapter_versions_are_hot_loaded_and_routed(

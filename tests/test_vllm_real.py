@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from adapter_sync import make_adapter as random_adapter
+from adapter_sync import two_synced_steps
 from even_length_env import EvenLengthEnv, even_length_agent
 
 from rltrain import envs
@@ -30,11 +32,9 @@ from rltrain.engines.base import GenerationRequest
 from rltrain.engines.vllm import VLLMEngine, VLLMRequestError
 from rltrain.gateway.app import create_app
 from rltrain.gateway.server import GatewayServer
-from rltrain.metrics import read_metrics
 from rltrain.models import DEFAULT_MODEL, load_model_and_tokenizer
 from rltrain.recipes import Recipe, RunnerConfig, parse_recipe
 from rltrain.runner import Runner
-from rltrain.store import SqliteStore
 from rltrain.store.memory import MemoryStore
 from rltrain.trainer import Trainer
 from rltrain.types import LLMCallRecord, LLMResource, Resources, SamplingParams, SpanKind, Task
@@ -74,18 +74,8 @@ def trainer_model() -> Any:
 
 
 def make_adapter(out: Path, seed: int) -> Path:
-    """A rank-8 LoRA adapter on SmolLM2 with random B matrices, so that it changes the outputs."""
-    from peft import LoraConfig, get_peft_model
-
-    model, _ = load_model_and_tokenizer(DEFAULT_MODEL)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    model.save_pretrained(out)
-    return out
+    """A rank-8 LoRA adapter on SmolLM2 (q, v) with random B matrices, so that it changes the outputs."""
+    return random_adapter(DEFAULT_MODEL, out, seed, r=8, scale=0.5)
 
 
 def chat_prompt(engine: VLLMEngine, text: str) -> list[int]:
@@ -211,18 +201,7 @@ def test_grpo_steps_sync_adapters_into_vllm(engine: VLLMEngine, tmp_path: Path) 
         trainer.fit()
     finally:
         trainer.close()
-    run = tmp_path / "vllm"
-    assert [p.name for p in (run / "adapters").iterdir()] == ["policy-v2"]
-    store = SqliteStore(run / "store.sqlite")
-    try:
-        versions = {span.attributes["policy_version"] for r in store.list_rollouts(mode="train")
-                    for span in store.get_spans(r.rollout_id) if span.kind is SpanKind.LLM}
-    finally:
-        store.close()
-    assert versions == {0, 1}
-    logs = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "train" and "loss" in r]
-    assert len(logs) == 2
-    for log in logs:  # float32 on both sides on CPU: the ratio is 1 up to rounding
+    for log in two_synced_steps(tmp_path / "vllm"):  # float32 on both sides on CPU: the ratio is 1 up to rounding
         assert abs(log["sampling/importance_sampling_ratio/mean"] - 1.0) < (0.2 if CUDA else 0.01)
     assert engine.server is not None and engine.server.alive  # an external server is left running
 
