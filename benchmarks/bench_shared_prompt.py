@@ -38,10 +38,11 @@ from rltrain.models import DEFAULT_MODEL, load_model_and_tokenizer
 TEMPERATURE = 0.7
 
 
-def room_prompt_ids(tokenizer: Any) -> list[int]:
-    """The inline agent's prompt for the first public validation request, as the chat template renders it."""
+def room_prompt_ids(tokenizer: Any, task: Any = None) -> list[int]:
+    """The inline agent's prompt for ``task`` (the first public validation request by default), as the chat
+    template renders it."""
     env = RoomSelectionEnv()
-    task = env.load_tasks("public:val")[0]
+    task = task or env.load_tasks("public:val")[0]
     values = prompt_values("inline", request_of(task.payload), env.catalog)
     prompts = default_prompts("inline")
     messages = [

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
+import shlex
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
 
@@ -30,6 +33,12 @@ from rltrain.types import SamplingParams
 if TYPE_CHECKING:
     from rltrain.metrics import EvalSummary
     from rltrain.run_context import RunContext
+
+logger = logging.getLogger(__name__)
+
+#: where `make vllm` installs vLLM's CLI: the `.venv-vllm` of the checkout that holds this package (a wheel install
+#: has none there, and falls back to `vllm` on PATH)
+CHECKOUT_VLLM = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "vllm"
 
 
 class RecipeError(ValueError):
@@ -94,10 +103,11 @@ class VLLMConfig(_Section):
         "stops none. It must serve `model.name`, with `--enable-lora` for adapter sync, and read the adapter "
         "files rltrain writes under the run directory (same filesystem).",
     )
-    command: str = Field(
-        default="vllm",
+    command: str | None = Field(
+        default=None,
         description="The program that runs vLLM's CLI, split like a shell would (a path when vLLM lives in an "
-        "environment of its own, as in Dockerfile.gpu).",
+        "environment of its own, as in Dockerfile.gpu). None = `.venv-vllm/bin/vllm` of the checkout that holds "
+        "rltrain when it exists (`make vllm` installs it there), else `vllm` on PATH.",
     )
     port: int = Field(default=0, ge=0, le=65535, description="Port of the started server on 127.0.0.1; 0 = a free one.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(
@@ -128,16 +138,35 @@ class VLLMConfig(_Section):
     max_restarts: int = Field(
         default=1, ge=0, description="Restarts of a started server that died (its adapter is loaded again)."
     )
+    cpu_kv_cache_gib: int = Field(
+        default=1, ge=1,
+        description="With model.device cpu: `VLLM_CPU_KVCACHE_SPACE`, the GiB of RAM vLLM's CPU build keeps for "
+        "its KV cache (without it, gpu_memory_utilization is a fraction of all RAM). 1 GiB holds ~23k tokens of "
+        "SmolLM2-135M in float32.",
+    )
     extra_args: list[str] = Field(
         default_factory=list, description="More `vllm serve` arguments, passed as given (e.g. `--enforce-eager`)."
     )
+
+    def program(self) -> list[str]:
+        """The command that runs vLLM's CLI: ``command`` split, or the default lookup (see ``command``)."""
+        if self.command is not None:
+            return shlex.split(self.command)
+        return [str(CHECKOUT_VLLM)] if CHECKOUT_VLLM.exists() else ["vllm"]
+
+    def installed(self) -> bool:
+        """Whether :meth:`program` names something that can run (an executable path, or a name on PATH)."""
+        return shutil.which(self.program()[0]) is not None
 
 
 class EngineConfig(_Section):
     """What generates tokens."""
 
-    kind: Literal["transformers", "vllm"] = Field(
-        default="transformers", description="`transformers` (embedded) or `vllm` (GPU, `rltrain[gpu]`)."
+    kind: Literal["transformers", "vllm", "auto"] = Field(
+        default="transformers",
+        description="`transformers` (embedded, needs nothing more), `vllm` (a vLLM server: `make vllm` on CPU, "
+        "`rltrain[gpu]` or Dockerfile.gpu on GPU), or `auto`: `vllm` when `engine.vllm.program()` is installed and "
+        "the recipe is one vLLM can serve and train, else `transformers` (decided when the recipe is read).",
     )
     max_batch_size: int = Field(default=8, ge=1, description="Dynamic batching: most sequences per batch.")
     batch_window_ms: float = Field(
@@ -621,13 +650,20 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _check_vllm(self) -> Recipe:
-        """What vLLM cannot serve or train on fails here, before any model is loaded."""
-        if self.engine.kind == "vllm":
-            from rltrain.algorithms.vllm_checks import vllm_recipe_problems
+        """What vLLM cannot serve or train on fails here, before any model is loaded; ``engine.kind: auto``
+        becomes ``vllm`` when it is installed and nothing here stands in its way, else ``transformers``."""
+        if self.engine.kind not in ("vllm", "auto"):
+            return self
+        from rltrain.algorithms.vllm_checks import vllm_recipe_problems
 
-            problems = vllm_recipe_problems(self)
-            if problems:
-                raise ValueError("; ".join(problems))
+        problems = vllm_recipe_problems(self)
+        if self.engine.kind == "auto":
+            installed = self.engine.vllm.installed()
+            self.engine.kind = "vllm" if installed and not problems else "transformers"
+            if installed and problems:
+                logger.warning("engine.kind auto: the embedded engine, not vLLM, because %s", "; ".join(problems))
+        elif problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

@@ -2,7 +2,8 @@
 
 Tests run the real tokenizer and chat template (what the gateway and the trajectories see) with a model small
 enough that a forward pass costs microseconds, so nothing depends on the 135M weights except the few tests
-marked ``slow``. Tests marked ``gpu`` are skipped on machines without CUDA.
+marked ``slow`` (and ``vllm``). Tests marked ``gpu`` are skipped on machines without CUDA, tests marked ``vllm``
+where vLLM is not installed (`make test` installs it).
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
+    """``gpu`` tests need CUDA; ``vllm`` tests need vLLM (CPU or GPU build), which `make test` installs first."""
+    from rltrain.recipes import VLLMConfig
+
+    has_cuda = torch.cuda.is_available()
+    has_vllm = VLLMConfig().installed()
     skip_gpu = pytest.mark.skip(reason="needs CUDA; torch.cuda.is_available() is False")
+    skip_vllm = pytest.mark.skip(reason="needs vLLM: `make vllm` (CPU) installs it in .venv-vllm")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(skip_vllm)
 
 
 @pytest.fixture(scope="session")

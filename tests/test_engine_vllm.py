@@ -18,7 +18,7 @@ from typing import Any
 
 import openai
 import pytest
-import torch
+from adapter_sync import make_adapter
 from fake_vllm import FakeVLLM
 
 from rltrain.engines.base import ContextLengthError, EngineError, GenerationRequest, GenerationResult
@@ -57,7 +57,7 @@ def test_launch_command_is_built_from_the_recipe() -> None:
     recipe = load_recipe(QWEN_RECIPE)
     command = build_vllm_command(recipe, "/models/qwen", 8123)
     assert command == [
-        "vllm", "serve", "/models/qwen", "--served-model-name", "Qwen/Qwen2.5-0.5B-Instruct",
+        *recipe.engine.vllm.program(), "serve", "/models/qwen", "--served-model-name", "Qwen/Qwen2.5-0.5B-Instruct",
         "--host", "127.0.0.1", "--port", "8123", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.3",
         "--tensor-parallel-size", "1", "--seed", "0", "--generation-config", "vllm",
         "--logprobs-mode", "processed_logprobs", "--max-model-len", "8192",
@@ -78,6 +78,52 @@ def test_launch_command_is_built_from_the_recipe() -> None:
     assert command[command.index("--dtype") + 1] == "float16"
     assert command[-1] == "--enforce-eager"
     assert vllm_environment(merged, {}) == {"VLLM_SERVER_DEV_MODE": "1"}
+
+
+def test_cpu_servers_get_a_bounded_kv_cache_and_no_chunked_prefill(tmp_path: Path) -> None:
+    recipe = parse_recipe({"name": "cpu", "output_dir": str(tmp_path),
+                           "engine": {"kind": "vllm", "vllm": {"cpu_kv_cache_gib": 3}}})
+    assert "--no-enable-chunked-prefill" in build_vllm_command(recipe, "/m", 9000)
+    assert vllm_environment(recipe, {})["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    gpu = load_recipe(QWEN_RECIPE)  # model.device cuda: chunked prefill stays, the CPU variable is not set
+    assert "--no-enable-chunked-prefill" not in build_vllm_command(gpu, "/m", 9000)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_environment(gpu, {})
+
+
+def test_vllm_program_is_the_checkouts_venv_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rltrain import recipes
+
+    program = tmp_path / ".venv-vllm" / "bin" / "vllm"
+    monkeypatch.setattr(recipes, "CHECKOUT_VLLM", program)
+    config = recipes.VLLMConfig()
+    assert config.program() == ["vllm"]  # not installed in the checkout: PATH
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    assert config.program() == [str(program)] and config.installed()
+    assert recipes.VLLMConfig(command="/opt/v/bin/vllm --x").program() == ["/opt/v/bin/vllm", "--x"]
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_engine_auto_is_vllm_only_when_installed_and_servable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, installed: bool
+) -> None:
+    from rltrain import recipes
+
+    program = tmp_path / "vllm"
+    if installed:
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
+    monkeypatch.setattr(recipes, "CHECKOUT_VLLM", program)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    recipe = parse_recipe({"name": "a", "output_dir": str(tmp_path), "engine": {"kind": "auto"}})
+    assert recipe.engine.kind == ("vllm" if installed else "transformers")
+    # a LoRA rank above what vLLM loads keeps the embedded engine rather than failing the recipe
+    too_big = parse_recipe({
+        "name": "a", "output_dir": str(tmp_path), "engine": {"kind": "auto", "vllm": {"max_lora_rank": 8}},
+        "algorithm": {"name": "grpo", "lora": {"r": 16}},
+    })
+    assert too_big.engine.kind == "transformers"
 
 
 def test_module_prints_the_command_the_engine_runs(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -214,23 +260,6 @@ def test_context_overflow_is_caught_before_sending(engine: VLLMEngine, fake: tup
     with pytest.raises(ContextLengthError, match="exceeds the context of 2048"):
         generate(engine, max_tokens=2048)
     assert len(fake[0].requests) == sent
-
-
-def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj")
-                 ) -> Path:
-    """A LoRA adapter with random (non-zero) B matrices, so that it changes the model's outputs."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 2.0)
-    model.save_pretrained(out)
-    return out
 
 
 def test_adapter_versions_are_hot_loaded_and_routed(

@@ -60,7 +60,7 @@ def build_vllm_command(recipe: Recipe, model_dir: str | Path, port: int) -> list
     """The ``vllm serve`` command line for ``recipe`` serving ``model_dir`` as ``recipe.model.name``."""
     config = recipe.engine.vllm
     command = [
-        *shlex.split(config.command), "serve", str(model_dir),
+        *config.program(), "serve", str(model_dir),
         "--served-model-name", recipe.model.name,
         "--host", "127.0.0.1",
         "--port", str(port),
@@ -73,6 +73,10 @@ def build_vllm_command(recipe: Recipe, model_dir: str | Path, port: int) -> list
     ]
     if config.max_model_len is not None:
         command += ["--max-model-len", str(config.max_model_len)]
+    if recipe.model.device == "cpu":
+        # vLLM's CPU build dies on a request that carries a seed while chunked prefill splits its prompt
+        # ("CPU Generator does not use offset", then EngineDeadError); the gateway forwards agents' seeds
+        command += ["--no-enable-chunked-prefill"]
     if config.weight_sync == "adapter":
         command += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank)]
     else:
@@ -83,6 +87,8 @@ def build_vllm_command(recipe: Recipe, model_dir: str | Path, port: int) -> list
 def vllm_environment(recipe: Recipe, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the server process: ``base`` (the current one by default) plus what weight sync needs."""
     env = dict(os.environ if base is None else base)
+    if recipe.model.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(recipe.engine.vllm.cpu_kv_cache_gib)
     if recipe.engine.vllm.weight_sync == "adapter":
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     else:
@@ -155,8 +161,8 @@ class VLLMServer:
                 )
             except FileNotFoundError:
                 raise VLLMStartupError(
-                    f"engine.vllm.command: {self.command[0]!r} was not found. Install vLLM "
-                    "(`pip install 'rltrain[gpu]'`, or the image of Dockerfile.gpu), point engine.vllm.command at "
+                    f"engine.vllm.command: {self.command[0]!r} was not found. Install vLLM (`make vllm` on CPU, "
+                    "`pip install 'rltrain[gpu]'` or the image of Dockerfile.gpu on GPU), point engine.vllm.command at "
                     "its `vllm` program, or set engine.vllm.url to a server that is already running"
                 ) from None
         self.generation += 1
@@ -214,6 +220,9 @@ class VLLMServer:
                 logger.warning("vLLM (pid %d) ignored SIGTERM for %.0f s; killing it", process.pid, STOP_GRACE_S)
         _signal_group(process.pid, signal.SIGKILL)  # no worker of its group may outlive it
         process.wait()
+        if not _wait_group_gone(process.pid, DEATH_GRACE_S):
+            logger.warning("processes of vLLM's group %d are still there %.0f s after SIGKILL", process.pid,
+                           DEATH_GRACE_S)
         logger.info("vLLM (pid %d) stopped with status %s", process.pid, process.returncode)
 
     def describe_exit(self) -> str:
@@ -228,6 +237,20 @@ class VLLMServer:
         except FileNotFoundError:
             return f"no log at {self.log_path}"
         return f"last lines of {self.log_path}:\n" + "\n".join(lines)
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    """Wait until no process of group ``pgid`` is left (workers die a moment after the signal; their memory, a
+    few GB on CPU, is free only then). False if some are still there after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
