@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 from rltrain.agent import Agent
+from rltrain.algorithms.run_state import finished_run, finished_summaries
 from rltrain.envs import Environment, get_env
 from rltrain.metrics import EvalSummary, MetricsWriter, summarise
-from rltrain.recipes import Recipe, dump_recipe
+from rltrain.recipes import Recipe, RecipeError, dump_recipe
+from rltrain.run_lock import RunDirLock
 from rltrain.runner import Runner
 from rltrain.serving import ServingStack, gateway_api_key
 from rltrain.store import Store, open_store
@@ -32,10 +34,15 @@ class Trainer:
         self.recipe = recipe
         self.progress = progress
         self.run_dir: Path = recipe.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, self.run_dir / "recipe.yaml")
-        self.env: Environment = get_env(recipe.env.name, **recipe.env.options)
-        self.store: Store = open_store(recipe.store.kind, self.run_dir / "store.sqlite")
+        # one process per run directory, taken before anything in it is written (see rltrain.run_lock)
+        self.lock = RunDirLock(self.run_dir).acquire()
+        try:
+            dump_recipe(recipe, self.run_dir / "recipe.yaml")
+            self.env: Environment = get_env(recipe.env.name, **recipe.env.options)
+            self.store: Store = open_store(recipe.store.kind, self.run_dir / "store.sqlite")
+        except BaseException:
+            self.lock.release()
+            raise
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", run_name=recipe.name)
         self._eval_sets: dict[str, list[Task]] | None = None
 
@@ -148,7 +155,11 @@ class Trainer:
         ``stop_at``: GRPO/PPO skip their RL steps when the warm start already reaches this accuracy.
         """
         if self.recipe.algorithm is None:
-            raise ValueError("this recipe has no `algorithm:` section; `rltrain eval` runs it, `train` needs one")
+            raise RecipeError(f"{self.run_dir / 'recipe.yaml'}: no `algorithm:` section (an evaluation run); "
+                              "`rltrain eval` runs it, `train` and `resume` need one")
+        if resume and finished_run(self.run_dir) is not None:
+            logger.info("%s finished already (its metrics.jsonl has the `done` line); nothing to resume", self.run_dir)
+            return finished_summaries(self.run_dir, self.recipe.data.select)
         if self.recipe.algorithm.name == "apo":
             from rltrain.algorithms.apo import train_apo
 
@@ -175,4 +186,7 @@ class Trainer:
         return self._eval_sets
 
     def close(self) -> None:
-        self.store.close()
+        try:
+            self.store.close()
+        finally:
+            self.lock.release()

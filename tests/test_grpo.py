@@ -97,7 +97,7 @@ def test_grpo_steps_change_lora_checkpoint_and_resume(tmp_path: Path, tiny_model
     assert state["global_step"] == 3
     records = read_metrics(run / "metrics.jsonl")
     steps = [r["step"] for r in records if r.get("event") == "rollouts"]
-    assert steps == [0, 1, 2], "resume must not sample finished steps again"
+    assert steps == [1, 2, 3], "resume must not sample finished steps again"
 
 
 def test_zero_signal_step_is_reported(tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
