@@ -80,9 +80,12 @@ class Trainer:
         )
 
     def load_tasks(self, spec: str) -> list[Task]:
+        """The tasks ``spec`` names (``data.limit`` applied); an empty set is an error, not a silent no-op."""
         tasks = self.env.load_tasks(spec)
         if self.recipe.data.limit is not None:
             tasks = tasks[: self.recipe.data.limit]
+        if not tasks:
+            raise RecipeError(f"task set {spec!r} has no tasks (an empty file?): nothing to train or evaluate on")
         return tasks
 
     # -- evaluation ---------------------------------------------------------------------------------------
