@@ -234,6 +234,7 @@ def _cmd_data_room_selection(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
+    from rltrain.run_lock import RunDirLock
     from rltrain.serving import ServingStack
     from rltrain.store import open_store
 
@@ -241,15 +242,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.overrides.append(f"gateway.host={args.host}")
     args.overrides.append(f"gateway.port={args.port}")
     recipe = _load(args, args.recipe)
-    recipe.run_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(recipe.store.kind, recipe.run_dir / "store.sqlite")
-    with ServingStack(recipe, store) as stack:
-        logging.getLogger("rltrain").info("serving %s at %s/v1 (Ctrl-C to stop)", stack.model_name, stack.url)
+    with RunDirLock(recipe.run_dir):  # the store is the run directory's: one process at a time
+        store = open_store(recipe.store.kind, recipe.run_dir / "store.sqlite")
         try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-    store.close()
+            with ServingStack(recipe, store) as stack:
+                logging.getLogger("rltrain").info("serving %s at %s/v1 (Ctrl-C to stop)", stack.model_name, stack.url)
+                try:
+                    threading.Event().wait()
+                except KeyboardInterrupt:
+                    pass
+        finally:
+            store.close()
     return 0
 
 
