@@ -160,7 +160,8 @@ class Trainer:
         if self.recipe.algorithm is None:
             raise RecipeError(f"{self.run_dir / 'recipe.yaml'}: no `algorithm:` section (an evaluation run); "
                               "`rltrain eval` runs it, `train` and `resume` need one")
-        if resume and finished_run(self.run_dir) is not None:
+        max_steps = getattr(self.recipe.algorithm, "max_steps", None) if self.recipe.algorithm.name in ("grpo", "ppo") else None
+        if resume and finished_run(self.run_dir, max_steps) is not None:
             logger.info("%s finished already (its metrics.jsonl has the `done` line); nothing to resume", self.run_dir)
             return finished_summaries(self.run_dir, self.recipe.data.select)
         if self.recipe.algorithm.name == "apo":

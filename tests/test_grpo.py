@@ -73,7 +73,7 @@ def test_grpo_steps_change_lora_checkpoint_and_resume(tmp_path: Path, tiny_model
 
     records = read_metrics(run / "metrics.jsonl")
     rollouts = [r for r in records if r.get("event") == "rollouts"]
-    assert [r["step"] for r in rollouts] == [0, 1]
+    assert [r["step"] for r in rollouts] == [1, 2]
     assert all(r["rollouts/succeeded"] == 8 for r in rollouts)
     assert all("train/frac_zero_std_groups" in r and "adapter/llm_calls" in r for r in rollouts)
     train_logs = [r for r in records if r.get("event") == "train" and "loss" in r]

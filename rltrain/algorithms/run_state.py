@@ -126,12 +126,15 @@ def checkpoint_step(checkpoint: str | None) -> int:
     return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
 
 
-def finished_run(run_dir: Path) -> dict[str, Any] | None:
-    """The ``done`` line of a run that finished, else ``None``."""
+def finished_run(run_dir: Path, max_steps: int | None = None) -> dict[str, Any] | None:
+    """The ``done`` line of a run that finished, else ``None``. With ``max_steps`` (GRPO/PPO), a run that finished
+    fewer steps is not finished: its recipe's budget was raised, and resume trains the steps added."""
     from rltrain.metrics import read_metrics
 
     done = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "done"]
-    return done[-1] if done else None
+    if not done or (max_steps is not None and (done[-1].get("step") or 0) < max_steps):
+        return None
+    return done[-1]
 
 
 def finished_summaries(run_dir: Path, select: str | None) -> list[EvalSummary]:

@@ -221,3 +221,31 @@ def test_a_client_hanging_up_mid_body_costs_one_log_line(
         _wait_for(lambda: sum("disconnected before its request body" in r.getMessage() for r in caplog.records) == 3,
                   "the three disconnects being noticed")
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], "no traceback, no error"
+
+
+def _streamed_text(url: str, body: dict[str, Any]) -> tuple[str, str | None]:
+    pieces, finish = [], None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                [choice] = json.loads(line.removeprefix("data: "))["choices"]
+                pieces.append(choice["delta"].get("content") or "")
+                finish = choice["finish_reason"] or finish
+    return "".join(pieces), finish
+
+
+def test_streamed_text_with_stop_strings_and_tools_joins_to_the_served_text(engine: TransformersEngine) -> None:
+    """Text held back while a stop string or a tool-call block may begin: the chunks never show text the
+    non-streamed answer does not have."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with serve(engine, MemoryStore()) as served:
+        def served_text(**fields: Any) -> tuple[str, str]:
+            choice = httpx.post(f"{served.url}/v1/chat/completions", json=_request(engine, **fields),
+                                timeout=60).json()["choices"][0]
+            return choice["message"]["content"], choice["finish_reason"]
+
+        whole, _ = served_text(max_tokens=24)
+        stop = whole[len(whole) // 2: len(whole) // 2 + 3]
+        for fields in ({"max_tokens": 24, "stop": [stop]}, {"max_tokens": 24, "tools": tools},
+                       {"max_tokens": 24, "tools": tools, "stop": [stop, "zz"]}):
+            assert _streamed_text(served.url, _request(engine, **fields)) == served_text(**fields), fields
