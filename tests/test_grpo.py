@@ -119,7 +119,7 @@ def test_micro_batches_accumulate_into_one_step_per_generation(tmp_path: Path, t
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 2)
     records = read_metrics(run / "metrics.jsonl")
     rollouts = [r for r in records if r.get("event") == "rollouts"]
-    assert [(r["step"], r["rollouts/succeeded"]) for r in rollouts] == [(0, 8), (1, 8)]
+    assert [(r["step"], r["rollouts/succeeded"]) for r in rollouts] == [(1, 8), (2, 8)]
     train_logs = [r for r in records if r.get("event") == "train" and "loss" in r]
     assert len(train_logs) == 2
     # each micro-batch holds one whole group (TRL's shuffle would mix the two), so each prompt runs once per 4 rows
