@@ -9,8 +9,9 @@ name the file, the dotted field path, the value given and what was expected, wit
 from __future__ import annotations
 
 import difflib
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
@@ -611,7 +612,8 @@ def _text_field(keys: list[str]) -> set[Any] | None:
     field = owner.model_fields.get(keys[-1]) if owner is not None else None
     if field is None:
         return None
-    kinds = set(get_args(field.annotation)) if get_args(field.annotation) else {field.annotation}
+    union = get_origin(field.annotation) in (Union, types.UnionType)
+    kinds = set(get_args(field.annotation)) if union else {field.annotation}
     return kinds if str in kinds and kinds <= {str, type(None)} else None
 
 
