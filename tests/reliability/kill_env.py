@@ -8,7 +8,9 @@ else), and the hooks are installed when the command builds the environment, befo
 * ``sampling:V``: when the third rollout of policy version ``V`` finishes, the others of the step still running;
 * ``optimiser:N``: before this process's ``N``-th optimiser step (the step's rollouts are sampled and logged);
 * ``save:K``: while checkpoint ``K`` is written (its folder holds half an adapter, no trainer state);
-* ``final:K``: right after the first metric line of the final validation ``val-stepK``.
+* ``final:K``: right after the first metric line of the final validation ``val-stepK``;
+* ``fill:K``: not a kill: right before checkpoint ``K`` is written, the disk is filled (the file
+  ``$RLTRAIN_TEST_FILLER``), so that the save itself runs out of space.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rltrain.agent import Agent, rollout
 from rltrain.types import Resources
 
 KILL_AT = "RLTRAIN_TEST_KILL_AT"
+FILLER = "RLTRAIN_TEST_FILLER"
 
 
 def die() -> None:
@@ -49,6 +52,8 @@ class KillingEvenLengthEnv(EvenLengthEnv):
             self._kill_at_optimiser_step(self.number)
         elif self.point == "save":
             self._kill_while_saving(self.number)
+        elif self.point == "fill":
+            self._fill_disk_before_saving(self.number, Path(os.environ[FILLER]))
 
     def agent(self, mode: str) -> Agent:
         return self._agent
@@ -105,3 +110,27 @@ class KillingEvenLengthEnv(EvenLengthEnv):
             die()
 
         transformers.Trainer._save_checkpoint = save_or_die  # type: ignore[method-assign]
+
+    @staticmethod
+    def _fill_disk_before_saving(k: int, filler: Path) -> None:
+        import transformers
+
+        save = transformers.Trainer._save_checkpoint
+
+        def fill_then_save(self: Any, model: Any, trial: Any) -> None:
+            if self.state.global_step == k:
+                fill(filler)
+            return save(self, model, trial)
+
+        transformers.Trainer._save_checkpoint = fill_then_save  # type: ignore[method-assign]
+
+
+def fill(path: Path) -> None:
+    """Write zeros to ``path`` until its file system is full."""
+    with path.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass

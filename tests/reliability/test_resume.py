@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 from cli_process import rltrain
-from kill_env import KILL_AT
+from kill_env import FILLER, KILL_AT
 
 from rltrain.algorithms.run_state import last_complete_checkpoint
 from rltrain.metrics import read_metrics
@@ -26,10 +26,10 @@ PROCESS_LIMIT_S = 300
 STEPS = 3
 
 
-def _recipe(tmp_path: Path, tiny_model_dir: Path) -> Path:
+def _recipe(tmp_path: Path, tiny_model_dir: Path, output_dir: Path | None = None) -> Path:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
-        "name": "chain", "output_dir": str(tmp_path), "seed": 3,
+        "name": "chain", "output_dir": str(output_dir or tmp_path), "seed": 3,
         "model": {"name": str(tiny_model_dir), "num_threads": 1},
         "env": {"name": "kill_env:KillingEvenLengthEnv", "mode": "any", "options": {"n_tasks": 4}},
         "data": {"train": "train", "val": "val-a", "extra_eval": ["val-b"]},
@@ -42,9 +42,9 @@ def _recipe(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return recipe
 
 
-def _run(tmp_path: Path, number: int, *args: str, kill_at: str = "") -> int:
+def _run(tmp_path: Path, number: int, *args: str, kill_at: str = "", env: dict[str, str] | None = None) -> int:
     log = tmp_path / f"{number}-{args[0]}-{kill_at or 'whole'}.log"
-    proc = rltrain(*args, log=log, extra_env={KILL_AT: kill_at})
+    proc = rltrain(*args, log=log, extra_env={KILL_AT: kill_at, **(env or {})})
     try:
         return proc.wait(PROCESS_LIMIT_S)
     finally:
@@ -108,3 +108,25 @@ def test_killed_at_every_point_then_resumed_each_line_once_and_no_step_more(
     assert {p: _digest(p) for p in before} == before
     assert not (checkpoints / f"checkpoint-{STEPS + 1}").exists()
     assert json.loads((checkpoints / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["global_step"] == STEPS
+
+
+def test_disk_full_while_a_checkpoint_is_saved_then_resume(tmp_path: Path, tiny_model_dir: Path, small_disk: Path) -> None:
+    """The disk fills up right before checkpoint 2 is written (a real ENOSPC, on a 16 MB tmpfs): the run stops
+    with one error naming it, exit 2; resuming on the still-full disk says the same; once space is freed, resume
+    finishes the run with every metric line once."""
+    recipe = _recipe(tmp_path, tiny_model_dir, output_dir=small_disk)
+    run_dir = small_disk / "chain"
+    filler = small_disk / "filler"
+    assert _run(tmp_path, 0, "train", str(recipe), kill_at="fill:2", env={FILLER: str(filler)}) == 2
+    resumed_full = _run(tmp_path, 1, "resume", str(run_dir))
+    filler.unlink()
+    for log in sorted(tmp_path.glob("[01]-*.log")):
+        text = log.read_text()
+        assert "Traceback" not in text and ("No space left on device" in text or "disk is full" in text), text
+    assert resumed_full == 2
+    assert _run(tmp_path, 2, "resume", str(run_dir)) == 0, (tmp_path / "2-resume-whole.log").read_text()
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("event") == "rollouts"] == [1, 2, 3]
+    assert [k for k, n in _lines(records).items() if n > 1] == [], "a metric line written twice"
+    assert [r.get("event") for r in records].count("done") == 1
+    assert last_complete_checkpoint(run_dir / "checkpoints") == str(run_dir / "checkpoints" / f"checkpoint-{STEPS}")

@@ -8,10 +8,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -133,21 +131,6 @@ def test_a_run_directory_held_by_another_process_is_refused(tmp_path: Path, capl
     assert str(tmp_path / "held") in message and "in use by pid" in message and "rltrain train held.yaml" in message
     assert not (tmp_path / "held" / "recipe.yaml").exists(), "nothing written into a held run directory"
     assert main(_solver_eval(tmp_path, "--name", "held", "--limit", "1")) == 0, "free once released"
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MB tmpfs mounted for the test (real ENOSPC and EROFS); skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if shutil.which("mount") is None or subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=False, capture_output=True
-    ).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _fill(path: Path) -> None:
