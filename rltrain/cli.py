@@ -8,6 +8,7 @@ a malformed task file, a missing model) print one clear message and exit with st
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -280,6 +281,7 @@ def _cmd_data_room_selection(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
+    from rltrain.run_lock import RunDirLock
     from rltrain.serving import ServingStack
     from rltrain.store import open_store
 
@@ -287,15 +289,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.overrides.append(f"gateway.host={args.host}")
     args.overrides.append(f"gateway.port={args.port}")
     recipe = _load(args, args.recipe)
-    recipe.run_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(recipe.store.kind, recipe.run_dir / "store.sqlite")
-    with ServingStack(recipe, store) as stack:
-        logging.getLogger("rltrain").info("serving %s at %s/v1 (Ctrl-C to stop)", stack.model_name, stack.url)
+    with RunDirLock(recipe.run_dir):  # the store is the run directory's: one process at a time
+        store = open_store(recipe.store.kind, recipe.run_dir / "store.sqlite")
         try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-    store.close()
+            with ServingStack(recipe, store) as stack:
+                logging.getLogger("rltrain").info("serving %s at %s/v1 (Ctrl-C to stop)", stack.model_name, stack.url)
+                try:
+                    threading.Event().wait()
+                except KeyboardInterrupt:
+                    pass
+        finally:
+            store.close()
     return 0
 
 
@@ -331,12 +335,43 @@ USER_ERRORS = frozenset({
     "rltrain.algorithms.vllm_checks.WeightSyncError",
     "rltrain.engines.vllm.VLLMConfigError",
     "rltrain.engines.vllm_server.VLLMStartupError",
+    "rltrain.envs.room_selection.catalog.CatalogError",
+    "rltrain.export.ExportError",
+    "rltrain.run_lock.RunDirError",
+    "rltrain.algorithms.run_state.ResumeError",
+    "rltrain.gateway.server.GatewayServerError",
 })
+
+#: what the machine says when a run directory cannot be written (full, read-only, not ours): fixable by the user,
+#: and nothing is lost (the store and the complete checkpoints stay as they were; `rltrain resume` goes on)
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+_DISK_MESSAGES = ("no space left on device", "database or disk is full", "attempt to write a readonly database",
+                  "read-only file system")
 
 
 def is_user_error(exc: BaseException) -> bool:
     """Whether ``exc`` is (a subclass of) one of :data:`USER_ERRORS`."""
     return any(f"{cls.__module__}.{cls.__qualname__}" in USER_ERRORS for cls in type(exc).__mro__)
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one line a user-caused failure is reported as, or ``None`` for a bug (which keeps its traceback):
+    a :data:`USER_ERRORS` exception, or a disk that is full, read-only or not writable (anywhere in the chain of
+    causes: libraries wrap ``ENOSPC`` in their own errors)."""
+    if is_user_error(exc):
+        return str(exc)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if isinstance(current, OSError) and current.errno in _DISK_ERRNOS:
+            where = f"{current.filename}: " if current.filename else ""
+            return f"{where}{current.strerror or text} (fix the disk, then run the command again; `rltrain resume` continues a run)"
+        if any(m in text.lower() for m in _DISK_MESSAGES):
+            return f"{text} (fix the disk, then run the command again; `rltrain resume` continues a run)"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 _HTTP_CLIENT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "urllib3", "uvicorn")
@@ -366,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except Exception as exc:
-        if not is_user_error(exc):
+        message = user_message(exc)
+        if message is None:
             raise
-        logging.getLogger("rltrain").error("%s", exc)
+        logging.getLogger("rltrain").error("%s", message)
         return 2
 
 

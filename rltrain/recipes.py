@@ -13,8 +13,9 @@ import importlib
 import logging
 import shlex
 import shutil
+import types
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -728,8 +729,20 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _text_field(keys: list[str]) -> set[Any] | None:
+    """The types the recipe field at ``keys`` admits when it holds text (``{str}`` or ``{str, NoneType}``)."""
+    _, owner = _resolve_loc(tuple(keys))
+    field = owner.model_fields.get(keys[-1]) if owner is not None else None
+    if field is None:
+        return None
+    union = get_origin(field.annotation) in (Union, types.UnionType)
+    kinds = set(get_args(field.annotation)) if union else {field.annotation}
+    return kinds if str in kinds and kinds <= {str, type(None)} else None
+
+
 def _apply_override(data: dict[str, Any], override: str) -> None:
-    """``a.b.c=value``: the value is parsed as YAML (so numbers, booleans and lists work)."""
+    """``a.b.c=value``: the value is parsed as YAML (so numbers, booleans and lists work), except for a text field,
+    which takes the value as written (``name=007`` stays ``"007"``, ``gateway.host=::`` stays ``"::"``)."""
     if "=" not in override:
         raise RecipeError(f"override {override!r} must look like section.field=value")
     path, raw = override.split("=", 1)
@@ -740,10 +753,16 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise RecipeError(f"override {override!r}: {key} is not a section")
         target = node
+    text = _text_field(keys)
     try:
-        target[keys[-1]] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except _YAML_ERRORS as exc:
-        raise RecipeError(f"override {override!r}: the value is not valid YAML: {exc}") from None
+        if text is None:
+            raise RecipeError(f"override {override!r}: the value is not valid YAML: {exc}") from None
+        value = raw
+    if text is not None and not isinstance(value, str) and not (value is None and type(None) in text):
+        value = raw
+    target[keys[-1]] = value
 
 
 def parse_recipe(data: Any, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:

@@ -17,7 +17,7 @@ from pathlib import Path
 from rltrain.agent import Agent, resolve_agent
 from rltrain.envs.base import Environment
 from rltrain.metrics import EvalSummary, MetricsWriter, summarise
-from rltrain.recipes import Recipe
+from rltrain.recipes import Recipe, RecipeError
 from rltrain.runner import Runner
 from rltrain.serving import ServingStack, gateway_api_key
 from rltrain.store import Store
@@ -91,9 +91,12 @@ class RunContext:
 
     # -- tasks ----------------------------------------------------------------------------------------------
     def load_tasks(self, spec: str) -> list[Task]:
+        """The tasks ``spec`` names (``data.limit`` applied); an empty set is an error, not a silent no-op."""
         tasks = self.env.load_tasks(spec)
         if self.recipe.data.limit is not None:
             tasks = tasks[: self.recipe.data.limit]
+        if not tasks:
+            raise RecipeError(f"task set {spec!r} has no tasks (an empty file?): nothing to train or evaluate on")
         return tasks
 
     def eval_sets(self) -> dict[str, list[Task]]:

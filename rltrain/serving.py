@@ -64,9 +64,10 @@ class ServingStack:
 
     def start(self) -> ServingStack:
         from rltrain.gateway.app import create_app
-        from rltrain.gateway.server import GatewayServer
+        from rltrain.gateway.server import GatewayServer, check_port_free
 
         recipe = self.recipe
+        check_port_free(recipe.gateway.host, recipe.gateway.port)  # a busy port fails before the model loads
         self.engine = self._start_vllm() if recipe.engine.kind == "vllm" else self._start_transformers()
         try:
             app = create_app(self.engine, self.store, api_key=self.api_key, max_n=recipe.gateway.max_n)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from rltrain.agent import Agent, register_agent, resolve_agent
+from rltrain.algorithms.run_state import finished_run, finished_summaries
 from rltrain.envs import get_env
 from rltrain.envs.agent_env import AgentEnv
 from rltrain.metrics import EvalSummary, MetricsWriter
@@ -33,6 +34,7 @@ from rltrain.recipes import (
     parse_recipe,
 )
 from rltrain.run_context import RunContext
+from rltrain.run_lock import RunDirLock
 from rltrain.store import Store, open_store
 from rltrain.task_data import load_task_data, write_jsonl
 from rltrain.types import PromptTemplate, Task
@@ -100,9 +102,14 @@ class Trainer:
         self.recipe = recipe
         self.progress = progress
         self.run_dir: Path = recipe.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, self.run_dir / "recipe.yaml")
-        self.store: Store = open_store(recipe.store.kind, self.run_dir / "store.sqlite")
+        # one process per run directory, taken before anything in it is written (see rltrain.run_lock)
+        self.lock = RunDirLock(self.run_dir).acquire()
+        try:
+            dump_recipe(recipe, self.run_dir / "recipe.yaml")
+            self.store: Store = open_store(recipe.store.kind, self.run_dir / "store.sqlite")
+        except BaseException:
+            self.lock.release()
+            raise
         report_to = recipe.algorithm.report_to if recipe.algorithm is not None else []
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", report_to=report_to, run_name=recipe.name)
         self._run: RunContext | None = None
@@ -188,8 +195,14 @@ class Trainer:
         """
         self._bind(agent, train=train_dataset, val=val_dataset)
         if self.recipe.algorithm is None:
-            raise RecipeError("no algorithm: Trainer(algorithm=GRPO(...)) (or a recipe's `algorithm:` section) "
-                              "to train; evaluate() needs none")
+            raise RecipeError(f"{self.run_dir / 'recipe.yaml'}: no algorithm (an evaluation run): "
+                              "Trainer(algorithm=GRPO(...)) or a recipe's `algorithm:` section trains, and `resume` "
+                              "needs one; evaluate() needs none")
+        algorithm = self.recipe.algorithm
+        max_steps = getattr(algorithm, "max_steps", None) if algorithm.name in ("grpo", "ppo") else None
+        if resume and finished_run(self.run_dir, max_steps) is not None:
+            logger.info("%s finished already (its metrics.jsonl has the `done` line); nothing to resume", self.run_dir)
+            return finished_summaries(self.run_dir, self.recipe.data.select)
         return self.recipe.algorithm.fit(self.run, resume=resume, stop_at=stop_at)
 
     def _tasks(self, dataset: Any) -> dict[str, list[Task]]:
@@ -229,7 +242,10 @@ class Trainer:
         return [summary]
 
     def close(self) -> None:
-        self.store.close()
+        try:
+            self.store.close()
+        finally:
+            self.lock.release()
 
     def __enter__(self) -> Self:
         return self

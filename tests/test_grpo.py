@@ -73,7 +73,7 @@ def test_grpo_steps_change_lora_checkpoint_and_resume(tmp_path: Path, tiny_model
 
     records = read_metrics(run / "metrics.jsonl")
     rollouts = [r for r in records if r.get("event") == "rollouts"]
-    assert [r["step"] for r in rollouts] == [0, 1]
+    assert [r["step"] for r in rollouts] == [1, 2]
     assert all(r["rollouts/succeeded"] == 8 for r in rollouts)
     assert all("train/frac_zero_std_groups" in r and "adapter/llm_calls" in r for r in rollouts)
     train_logs = [r for r in records if r.get("event") == "train" and "loss" in r]
@@ -97,7 +97,7 @@ def test_grpo_steps_change_lora_checkpoint_and_resume(tmp_path: Path, tiny_model
     assert state["global_step"] == 3
     records = read_metrics(run / "metrics.jsonl")
     steps = [r["step"] for r in records if r.get("event") == "rollouts"]
-    assert steps == [0, 1, 2], "resume must not sample finished steps again"
+    assert steps == [1, 2, 3], "resume must not sample finished steps again"
 
 
 def test_zero_signal_step_is_reported(tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -119,7 +119,7 @@ def test_micro_batches_accumulate_into_one_step_per_generation(tmp_path: Path, t
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 2)
     records = read_metrics(run / "metrics.jsonl")
     rollouts = [r for r in records if r.get("event") == "rollouts"]
-    assert [(r["step"], r["rollouts/succeeded"]) for r in rollouts] == [(0, 8), (1, 8)]
+    assert [(r["step"], r["rollouts/succeeded"]) for r in rollouts] == [(1, 8), (2, 8)]
     train_logs = [r for r in records if r.get("event") == "train" and "loss" in r]
     assert len(train_logs) == 2
     # each micro-batch holds one whole group (TRL's shuffle would mix the two), so each prompt runs once per 4 rows

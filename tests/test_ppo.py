@@ -287,4 +287,4 @@ def test_ppo_in_micro_batches_trains_policy_and_critic_once_per_step(tmp_path: P
     c2 = load_file(str(run / "checkpoints" / "checkpoint-2" / CRITIC_FILE))
     assert not torch.equal(c1["head.score.weight"], c2["head.score.weight"])
     rollouts = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "rollouts"]
-    assert [(r["step"], r["rollouts/succeeded"]) for r in rollouts] == [(0, 8), (1, 8)]
+    assert [(r["step"], r["rollouts/succeeded"]) for r in rollouts] == [(1, 8), (2, 8)]

@@ -198,7 +198,7 @@ def test_warm_start_then_grpo_continues_the_same_adapter(tmp_path: Path, tiny_mo
     assert lora_weights(run / WARM_START_DIR).keys() == warm_weights.keys()
     records = read_metrics(run / "metrics.jsonl")
     assert [r["event"] for r in records].count("demonstrations") == 1
-    assert [r["step"] for r in records if r["event"] == "rollouts"] == [0, 1]
+    assert [r["step"] for r in records if r["event"] == "rollouts"] == [1, 2]
 
 
 def test_recipe_sections_for_the_warm_start() -> None:

@@ -34,8 +34,9 @@ from rltrain.algorithms.run_state import (
     accuracies,
     best_summaries,
     keep_if_best,
-    last_complete_checkpoint,
-    settle_interrupted,
+    resume_checkpoint,
+    train_or_restore,
+    validated,
 )
 from rltrain.algorithms.sft import warm_start
 from rltrain.algorithms.shared_prompt import shared_prompt_logps
@@ -121,7 +122,9 @@ class RolloutDriver:
             out["logprobs"].append(row.logprobs)
             out["env_mask"].append(row.env_mask)
             out["rollout_reward"].append(None if row is filler else row.reward)
-        self.metrics.write({"event": "rollouts", **samples.metrics}, step=version)
+        # the line belongs to the optimiser step these samples lead to (version + 1), like TRL's ``train`` line, so
+        # that it is kept on resume exactly when that step's checkpoint is complete (see run_state)
+        self.metrics.write({"event": "rollouts", **samples.metrics}, step=version + 1)
         return out
 
     no_signal_reason = "every group has equal rewards"
@@ -415,15 +418,12 @@ def train_with_rollouts(
     from rltrain.models import load_policy
 
     recipe = rl.recipe
-    checkpoint = None
-    if resume:
-        checkpoint = last_complete_checkpoint(rl.run_dir / "checkpoints")
-        settle_interrupted(rl, checkpoint)
     train_spec = recipe.data.train
     if train_spec is None:
         raise ValueError(f"data.train is not set: {section.name.upper()} needs training tasks")
     train_tasks = rl.load_tasks(train_spec)
-    rl.eval_sets()  # a bad task spec fails here, before minutes of model loading
+    rl.eval_sets()  # a bad task spec fails here, before minutes of model loading (and before resume touches files)
+    checkpoint = resume_checkpoint(rl, section.lora, section.max_steps) if resume else None
     model, tokenizer = load_policy(recipe.model.name, recipe.model.adapter, dtype=recipe.model.dtype,
                                    device=recipe.model.device, trainable=True)
     peft_config = section.lora.to_peft() if recipe.model.adapter is None else None  # else training continues it
@@ -455,17 +455,18 @@ def train_with_rollouts(
         callback = _RunCallback(rl, stack, section, trl_trainer.model)
         trl_trainer.add_callback(callback)
         quiet_progress(trl_trainer)  # logs go to metrics.jsonl, not stdout
-        if warm is not None and warm.fresh:  # the warm start validated the base model; now its adapter
+        if warm is not None and (warm.fresh or not validated(rl.run_dir, "warm_start")):  # now the warm start's adapter
             after_warm = callback.validate(0, label="warm_start")
             logger.info("after the warm start: %s", accuracies(after_warm))
             if stop_at is not None and after_warm[0].accuracy >= stop_at:
                 logger.info("the warm start reached the target %.3f: no RL steps", stop_at)
                 return after_warm
-        elif warm is None and checkpoint is None:  # the fresh adapter is the base model: a candidate for best/
+        elif warm is None and checkpoint is None and not (resume and validated(rl.run_dir, "baseline")):
+            # the fresh adapter is the base model: a candidate for best/
             baseline = callback.validate(0, label="baseline")
             logger.info("baseline: %s", accuracies(baseline))
         started = time.perf_counter()
-        trl_trainer.train(resume_from_checkpoint=checkpoint)
+        train_or_restore(trl_trainer, checkpoint, section.max_steps)
         train_s = time.perf_counter() - started
         trl_trainer.model.save_pretrained(rl.run_dir / "final")
         final = callback.validate(section.max_steps)

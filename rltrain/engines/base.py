@@ -7,8 +7,13 @@ Implementations: :mod:`rltrain.engines.transformers` (embedded, dynamic batching
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
+
+#: ``on_token(completion_index, token_id, logprob)``: called on the caller's event loop for each token as it is
+#: sampled, by engines whose ``streams_tokens`` is true (see :func:`generate`)
+OnToken = Callable[[int, int, float], None]
 
 
 class EngineError(RuntimeError):
@@ -71,7 +76,18 @@ class Engine(Protocol):
         """Version of the weights currently used for sampling (bumped on every weight sync)."""
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Sample ``request.n`` completions. Raises :class:`ContextLengthError` / :class:`EngineError`."""
+        """Sample ``request.n`` completions. Raises :class:`ContextLengthError` / :class:`EngineError`.
+
+        Cancelling the awaiting task (the client went away) must stop the engine's work on the request."""
 
     def close(self) -> None:
         """Stop worker threads / processes."""
+
+
+async def generate(engine: Engine, request: GenerationRequest, on_token: OnToken | None = None) -> GenerationResult:
+    """``engine.generate(request)``, reporting each token to ``on_token`` as it is sampled when the engine can
+    (``streams_tokens = True`` and a ``generate(request, on_token=...)``); other engines report nothing and the
+    caller gets every token with the result."""
+    if on_token is not None and getattr(engine, "streams_tokens", False):
+        return await engine.generate(request, on_token=on_token)  # type: ignore[call-arg]
+    return await engine.generate(request)

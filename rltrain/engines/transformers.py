@@ -13,7 +13,10 @@ How a request is served:
 3. Prompts are left-padded with an attention mask and explicit position ids, so a padded row computes exactly
    what it would alone; identical prompts (the ``n`` rows of one request, say) are prefilled once and their
    KV cache rows duplicated. Finished rows are dropped from the KV cache; the batch ends when all are done.
-4. Results go back to each caller's event loop with ``call_soon_threadsafe``. An exception fails the futures of
+4. Each sampled token goes to the request's ``on_token`` callback as soon as it is sampled (streaming), and results
+   go back to each caller's event loop, both with ``call_soon_threadsafe``. A caller that gives up (its task is
+   cancelled: the HTTP client went away) marks its request cancelled; its rows leave the batch at the next
+   decode step, so abandoned work stops within one token. An exception fails the futures of
    its batch only, as :class:`EngineError`; the worker goes on with the next batch.
 5. Should the worker thread itself die (an error outside a batch's decode, a ``BaseException``), the engine
    stops: every queued request and every later ``generate`` fails at once with :class:`EngineError` naming
@@ -51,6 +54,7 @@ from rltrain.engines.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    OnToken,
 )
 from rltrain.models import DEFAULT_MODEL, ensure_pad_token, load_model_and_tokenizer
 
@@ -85,6 +89,8 @@ class EngineStats:
     prompt_tokens: int = 0
     #: tokens sampled, over all rows
     generated_tokens: int = 0
+    #: rows dropped because their caller gave up (cancelled) before they finished
+    cancelled_rows: int = 0
 
 
 @dataclass
@@ -94,6 +100,25 @@ class _Pending:
     request: GenerationRequest
     future: asyncio.Future[GenerationResult]
     loop: asyncio.AbstractEventLoop
+    on_token: OnToken | None = None
+    #: set (on the caller's loop) when the caller stopped waiting; read by the worker between decode steps
+    cancelled: bool = False
+
+    def cancel_when_abandoned(self) -> None:
+        def mark(future: asyncio.Future[GenerationResult]) -> None:
+            if future.cancelled():
+                self.cancelled = True
+
+        self.future.add_done_callback(mark)
+
+    def report(self, index: int, token: int, logprob: float) -> None:
+        """Hand one sampled token to ``on_token`` on the caller's loop (a closed loop: the caller is gone)."""
+        if self.on_token is None or self.cancelled:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.on_token, index, token, logprob)
+        except RuntimeError:
+            self.cancelled = True
 
 
 @dataclass
@@ -107,6 +132,9 @@ class _Row:
     top_k: int
     stop_ids: frozenset[int]
     generator: torch.Generator
+    #: the request this row belongs to and its index among the request's ``n`` completions
+    owner: _Pending | None = None
+    index: int = 0
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: Literal["stop", "length"] | None = None
@@ -128,6 +156,9 @@ class TransformersEngine:
     calls ``torch.set_num_threads`` (process-wide) so callers on small machines can avoid oversubscription.
     The tokenizer gets a pad token if it has none (see :func:`rltrain.models.ensure_pad_token`).
     """
+
+    #: ``generate`` takes ``on_token`` (see :func:`rltrain.engines.base.generate`)
+    streams_tokens = True
 
     def __init__(
         self,
@@ -206,14 +237,18 @@ class TransformersEngine:
         with self._stats_lock:
             return dataclasses.replace(self._stats)
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
+    async def generate(self, request: GenerationRequest, on_token: OnToken | None = None) -> GenerationResult:
+        """Sample ``request``; ``on_token(index, token_id, logprob)`` is called for each token as it is sampled.
+        Cancelling the awaiting task stops the request's rows at the next decode step."""
         self._validate(request)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[GenerationResult] = loop.create_future()
+        pending = _Pending(request, future, loop, on_token)
+        pending.cancel_when_abandoned()
         with self._state_lock:
             if self._closed:
                 raise EngineError(self._refusal())
-            self._queue.put(_Pending(request, future, loop))
+            self._queue.put(pending)
         with self._stats_lock:
             self._stats.requests += 1
             self._stats.rows += request.n
@@ -320,11 +355,11 @@ class TransformersEngine:
 
     def _serve(self, batch: list[_Pending]) -> None:
         """Decode one collected batch and settle its futures; never raises (the worker must survive)."""
-        live = [pending for pending in batch if not pending.future.done()]  # skip callers that gave up
+        live = [pending for pending in batch if not pending.cancelled]  # skip callers that gave up
         if not live:
             return
         try:
-            rows_per_request = [_rows_of(pending.request, self._eos_ids) for pending in live]
+            rows_per_request = [_rows_of(pending, self._eos_ids) for pending in live]
             all_rows = [row for rows in rows_per_request for row in rows]
             with self.weights_lock:
                 version = self._policy_version
@@ -366,13 +401,19 @@ class TransformersEngine:
         while True:
             tokens, logprobs = _sample([rows[i] for i in active], logits)
             still = []
+            cancelled = 0
             for slot, (index, token, logprob) in enumerate(
                 zip(active, tokens.tolist(), logprobs, strict=True)
             ):
                 row = rows[index]
                 row.ids.append(token)
                 row.logprobs.append(logprob)
-                if token in row.stop_ids:
+                if row.owner is not None:
+                    row.owner.report(row.index, token, logprob)
+                if row.owner is not None and row.owner.cancelled:
+                    row.finish_reason = "length"  # never read back: its caller is gone
+                    cancelled += 1
+                elif token in row.stop_ids:
                     row.finish_reason = "stop"
                 elif len(row.ids) >= row.max_tokens:
                     row.finish_reason = "length"
@@ -380,6 +421,7 @@ class TransformersEngine:
                     still.append(slot)
             with self._stats_lock:
                 self._stats.generated_tokens += len(active)
+                self._stats.cancelled_rows += cancelled
             if not still:
                 return
             if len(still) < len(active):
@@ -441,10 +483,11 @@ class TransformersEngine:
         return cache, logits, attention_mask, next_position
 
 
-def _rows_of(request: GenerationRequest, eos_ids: frozenset[int]) -> list[_Row]:
+def _rows_of(pending: _Pending, eos_ids: frozenset[int]) -> list[_Row]:
     """The ``n`` independent rows of a request, each with its own generator (seeded ones reproducibly, so a
     seeded request samples the same tokens whatever else shares its batch). They stop on the request's stop
     tokens and on the model's EOS tokens."""
+    request = pending.request
     stop_ids = frozenset(request.stop_token_ids) | eos_ids
     rows = []
     for index in range(request.n):
@@ -462,6 +505,8 @@ def _rows_of(request: GenerationRequest, eos_ids: frozenset[int]) -> list[_Row]:
                 top_k=request.top_k,
                 stop_ids=stop_ids,
                 generator=generator,
+                owner=pending,
+                index=index,
             )
         )
     return rows

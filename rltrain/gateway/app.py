@@ -14,16 +14,25 @@ No route reads spans back: the gateway only appends to the rollout a call names.
 
 Bodies are parsed here rather than by FastAPI so that malformed JSON and invalid fields come back as OpenAI
 error bodies with status 400 (FastAPI would answer 422 in its own shape, which OpenAI clients do not read).
-With ``api_key`` set, every route needs ``Authorization: Bearer <api_key>``; the key is compared in constant
-time and never logged or recorded.
+With ``api_key`` set, every route needs ``Authorization: Bearer <api_key>`` (scheme in any case); the key is
+compared in constant time and never logged or recorded.
+
+Bounds checked before any work: the body's size (413) and the time it takes to arrive (408, ``BODY_TIMEOUT_S``);
+a lone UTF-16 surrogate anywhere in it is a 400 naming the field. A client that disconnects, while its body
+arrives or while its completion is generated (streamed or not), costs one log line and cancels the generation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -31,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from rltrain.engines.base import Engine
 from rltrain.gateway.completions import ChatService
@@ -38,9 +48,10 @@ from rltrain.gateway.errors import (
     AuthenticationError,
     GatewayError,
     InvalidRequestError,
+    RequestTimeoutError,
     RequestTooLargeError,
 )
-from rltrain.gateway.responses import completion_body, stream_events
+from rltrain.gateway.responses import ChatResult, LiveStream, completion_body
 from rltrain.gateway.schemas import ChatCompletionRequest
 from rltrain.store.base import Store
 
@@ -53,6 +64,12 @@ TAG_HEADER = "X-RLTrain-Tag"
 #: costs neither memory nor a JSON parse.
 BODY_BYTES_BASE = 2**20
 BODY_BYTES_PER_TOKEN = 64
+#: the longest a request body may take to arrive once its headers did (408 after): a client that sends half a
+#: body and waits must not hold a connection and a task forever
+BODY_TIMEOUT_S = 30.0
+#: a lone UTF-16 surrogate as JSON writes it (``\ud800``); a pair is one character once parsed, a lone one is not
+#: text at all and no tokenizer or store can take it
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def create_app(
@@ -62,6 +79,7 @@ def create_app(
     api_key: str | None = None,
     max_n: int = 16,
     served_models: Sequence[str] | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The gateway app. ``store=None`` serves plain ``/v1`` calls only (nothing recorded, rollout routes 404).
 
@@ -81,7 +99,13 @@ def create_app(
     )
     app.state.service = service
     app.state.requires_api_key = api_key is not None
-    max_body_bytes = BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * engine.max_context
+    limits = BodyLimits(BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * engine.max_context, body_timeout_s)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # one line, not uvicorn's traceback: a client that hangs up mid-body is the client's business
+        logger.info("client disconnected before its request body arrived (%s)", request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
@@ -121,15 +145,15 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await _chat(service, request, max_body_bytes, rollout_id=None)
+        return await _chat(service, request, limits, rollout_id=None)
 
     @app.post("/rollouts/{rollout_id}/v1/chat/completions")
     async def rollout_chat(request: Request, rollout_id: str) -> Response:
-        return await _chat(service, request, max_body_bytes, rollout_id=rollout_id)
+        return await _chat(service, request, limits, rollout_id=rollout_id)
 
     @app.post("/rollouts/{rollout_id}/attempts/{attempt_no}/v1/chat/completions")
     async def attempt_chat(request: Request, rollout_id: str, attempt_no: int) -> Response:
-        return await _chat(service, request, max_body_bytes, rollout_id=rollout_id, attempt_no=attempt_no)
+        return await _chat(service, request, limits, rollout_id=rollout_id, attempt_no=attempt_no)
 
     return app
 
@@ -137,31 +161,133 @@ def create_app(
 async def _chat(
     service: ChatService,
     request: Request,
-    max_body_bytes: int,
+    limits: BodyLimits,
     *,
     rollout_id: str | None,
     attempt_no: int | None = None,
 ) -> Response:
-    body = await _parse_body(request, max_body_bytes)
+    body = await _parse_body(request, limits)
     tag = body.rltrain_tag or request.headers.get(TAG_HEADER)
+    if body.stream:
+        return await _stream(service, request, body, tag, rollout_id=rollout_id, attempt_no=attempt_no)
+    work = asyncio.ensure_future(_served(service.complete(body, rollout_id=rollout_id, attempt_no=attempt_no,
+                                                          tag=tag), rollout_id))
+    if not await _finished_unless_disconnected(request, work):
+        return Response(status_code=499)  # nobody reads it; the generation was cancelled
+    return JSONResponse(completion_body(work.result(), service.chat_format, logprobs=body.logprobs))
+
+
+async def _served(call: Awaitable[ChatResult], rollout_id: str | None) -> ChatResult:
+    """The HTTP boundary: anything unexpected becomes a 500 body, and is logged."""
     try:
-        result = await service.complete(body, rollout_id=rollout_id, attempt_no=attempt_no, tag=tag)
+        return await call
     except GatewayError:
         raise
-    except Exception as exc:  # the HTTP boundary: anything unexpected becomes a 500 body, and is logged
+    except Exception as exc:
         logger.exception("chat completion failed (rollout %s)", rollout_id)
         raise GatewayError(f"internal gateway error: {type(exc).__name__}: {exc}") from exc
-    fmt = service.chat_format
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = stream_events(result, fmt, logprobs=body.logprobs, include_usage=include_usage)
-        return StreamingResponse(events, media_type="text/event-stream")
-    return JSONResponse(completion_body(result, fmt, logprobs=body.logprobs))
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused (413) as soon as it is known to exceed ``max_bytes``: from its Content-Length, or
-    while it streams in (a chunked body declares none)."""
+async def _finished_unless_disconnected(request: Request, work: asyncio.Future[Any], *also: asyncio.Future[Any]) -> bool:
+    """Wait for ``work`` (or one of ``also``); when the client disconnects first, cancel ``work`` (the engine
+    stops generating for it) and return False. An exception of ``work`` is raised."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watcher, *also}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done() and not any(f.done() for f in also):
+        work.cancel()
+        logger.info("client disconnected; its generation was cancelled")
+        return False
+    if work.done():
+        work.result()  # raises the call's error
+    return True
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body was read, so the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stream(
+    service: ChatService, request: Request, body: ChatCompletionRequest, tag: str | None, *,
+    rollout_id: str | None, attempt_no: int | None,
+) -> Response:
+    """A streamed completion: chunks leave as the engine samples tokens. An error before the first token is an
+    HTTP error like any other; after it, the stream ends with the error body."""
+    stream = LiveStream(
+        service.chat_format, request_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+        model=body.model, n=body.n, stops=body.stop_strings, tools=bool(body.active_tools), logprobs=body.logprobs,
+    )
+    tokens: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
+    work = asyncio.ensure_future(_served(service.complete(
+        body, rollout_id=rollout_id, attempt_no=attempt_no, tag=tag,
+        on_token=lambda index, token, logprob: tokens.put_nowait((index, token, logprob)),
+    ), rollout_id))
+    first = asyncio.ensure_future(tokens.get())
+    if not await _finished_unless_disconnected(request, work, first):
+        first.cancel()
+        return Response(status_code=499)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for event in stream.start():
+                yield event
+            next_token = first
+            while True:
+                await asyncio.wait({work, next_token}, return_when=asyncio.FIRST_COMPLETED)
+                if next_token.done():
+                    event = stream.token(*next_token.result())
+                    if event is not None:
+                        yield event
+                    next_token = asyncio.ensure_future(tokens.get())
+                    continue
+                next_token.cancel()
+                while not tokens.empty():
+                    event = stream.token(*tokens.get_nowait())
+                    if event is not None:
+                        yield event
+                break
+            try:
+                result = work.result()
+            except GatewayError as exc:
+                for event in stream.error(exc.body()):
+                    yield event
+                return
+            for event in stream.finish(result, include_usage=include_usage):
+                yield event
+        finally:  # the client went away mid-stream (or the stream ended): no work left behind
+            if not work.done():
+                work.cancel()
+                logger.info("client disconnected mid-stream; its generation was cancelled")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """How big a request body may be, and how long it may take to arrive."""
+
+    max_bytes: int
+    timeout_s: float
+
+
+async def _read_body(request: Request, limits: BodyLimits) -> bytes:
+    """The body within ``limits.timeout_s`` (else 408), refused (413) as soon as it is known to exceed
+    ``limits.max_bytes``: from its Content-Length, or while it streams in (a chunked body declares none)."""
+    try:
+        async with asyncio.timeout(limits.timeout_s):
+            return await _read_body_within(request, limits.max_bytes)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive within {limits.timeout_s:g} s of its headers; send it whole"
+        ) from None
+
+
+async def _read_body_within(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise RequestTooLargeError(
@@ -181,8 +307,8 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse_body(request: Request, max_bytes: int) -> ChatCompletionRequest:
-    raw = await _read_body(request, max_bytes)
+async def _parse_body(request: Request, limits: BodyLimits) -> ChatCompletionRequest:
+    raw = await _read_body(request, limits)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -191,6 +317,8 @@ async def _parse_body(request: Request, max_bytes: int) -> ChatCompletionRequest
         raise InvalidRequestError("the request body is JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, got {type(data).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):
+        _refuse_lone_surrogates(data, "")
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
@@ -204,6 +332,26 @@ async def _parse_body(request: Request, max_bytes: int) -> ChatCompletionRequest
         raise InvalidRequestError(f"invalid request: {described}{more}", param=params[0] or None) from None
 
 
+def _refuse_lone_surrogates(value: Any, path: str) -> None:
+    """400 naming the first field (key or value) that holds a lone UTF-16 surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"{path or 'body'}: contains a lone UTF-16 surrogate ({value[exc.start]!r} at character "
+                f"{exc.start}), which is not text; send valid Unicode (surrogates only in pairs)",
+                param=path or None,
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, path)
+            _refuse_lone_surrogates(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_lone_surrogates(item, f"{path}.{index}")
+
+
 def _model_list(service: ChatService) -> dict[str, Any]:
     return {
         "object": "list",
@@ -215,12 +363,13 @@ def _model_list(service: ChatService) -> dict[str, Any]:
 
 
 def _bearer_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that refuses requests without ``Authorization: Bearer <api_key>``."""
-    expected = f"Bearer {api_key}".encode()
+    """A dependency that refuses requests without ``Authorization: Bearer <api_key>`` (the scheme in any case, as
+    RFC 9110 has it: clients send ``bearer`` too)."""
+    expected = api_key.encode()
 
     async def check(request: Request) -> None:
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
             raise AuthenticationError(
                 "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                 code="invalid_api_key",

@@ -19,7 +19,15 @@ from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from rltrain.engines.base import Completion, ContextLengthError, Engine, EngineError, GenerationRequest
+from rltrain.engines.base import (
+    Completion,
+    ContextLengthError,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    OnToken,
+    generate,
+)
 from rltrain.gateway.chat_format import ChatFormat, ChatFormatError
 from rltrain.gateway.errors import (
     ConflictError,
@@ -38,6 +46,9 @@ from rltrain.types import LLMCallRecord, Rollout, RolloutStatus, Span, SpanKind
 
 #: model names of the form ``policy-v{N}`` address the policy after weight sync N (design decision 4)
 POLICY_ALIAS = re.compile(r"^policy-v(\d+)$")
+#: the completion budget of a request that names none (``max_tokens`` / ``max_completion_tokens``), within what
+#: the context leaves: a forgotten limit must not hold the engine for the rest of an 8k context
+DEFAULT_MAX_TOKENS = 1024
 
 _T = TypeVar("_T")
 
@@ -107,9 +118,11 @@ class ChatService:
         rollout_id: str | None = None,
         attempt_no: int | None = None,
         tag: str | None = None,
+        on_token: OnToken | None = None,
     ) -> ChatResult:
         """Serve ``request``; with ``rollout_id`` (and, when given, only while its attempt ``attempt_no`` runs),
-        remember the turn and record one llm span per choice."""
+        remember the turn and record one llm span per choice. ``on_token`` sees each token as it is sampled (for
+        streaming; engines that cannot report tokens early report none)."""
         started = time.time()
         self.check_model(request.model)
         if request.n > self.max_n:
@@ -134,7 +147,7 @@ class ChatService:
             completions = [self._given_completion(request.rltrain_completion, len(plan.prompt_ids))]
             policy_version = self.engine.policy_version
         else:
-            completions, policy_version = await self._generate(request, plan)
+            completions, policy_version = await self._generate(request, plan, on_token)
         choices = [self._choice(index, completion, request) for index, completion in enumerate(completions)]
         result = ChatResult(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -147,7 +160,9 @@ class ChatService:
             await self._remember(self.store, key, request, plan, result, policy_version, tag, started)
         return result
 
-    async def _generate(self, request: ChatCompletionRequest, plan: PromptPlan) -> tuple[list[Completion], int]:
+    async def _generate(
+        self, request: ChatCompletionRequest, plan: PromptPlan, on_token: OnToken | None = None
+    ) -> tuple[list[Completion], int]:
         """Sample the request's completions; returns them and the policy version that sampled them."""
         generation = GenerationRequest(
             prompt_ids=plan.prompt_ids,
@@ -160,7 +175,7 @@ class ChatService:
             adapter=request.model if POLICY_ALIAS.match(request.model) else None,
         )
         try:
-            generated = await self.engine.generate(generation)
+            generated = await generate(self.engine, generation, on_token)
         except ContextLengthError as exc:
             raise ContextLengthExceededError(str(exc)) from exc
         except EngineError as exc:
@@ -189,7 +204,8 @@ class ChatService:
         return Completion(completion_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop")
 
     def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
-        """The completion budget: as asked, or what is left of the context; refused when it cannot fit."""
+        """The completion budget: as asked, or :data:`DEFAULT_MAX_TOKENS` within what is left of the context;
+        refused when it cannot fit."""
         context = self.engine.max_context
         room = context - prompt_tokens
         asked = request.completion_limit
@@ -205,7 +221,7 @@ class ChatService:
                 "max_tokens",
                 param="max_tokens",
             )
-        return asked if asked is not None else room
+        return asked if asked is not None else min(room, DEFAULT_MAX_TOKENS)
 
     def _choice(self, index: int, completion: Completion, request: ChatCompletionRequest) -> Choice:
         """One completion as served: cut at the first stop string, tool calls parsed when tools are active."""

@@ -51,6 +51,15 @@ class RequestTooLargeError(InvalidRequestError):
         super().__init__(message, code="request_too_large")
 
 
+class RequestTimeoutError(InvalidRequestError):
+    """The request body did not arrive in time (a half-sent or trickling body) (408)."""
+
+    status = 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="request_timeout")
+
+
 class AuthenticationError(GatewayError):
     """The gateway has an API key and the request did not carry it (401)."""
 

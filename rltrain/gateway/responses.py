@@ -1,21 +1,22 @@
 """Served completions as OpenAI JSON: the response body and the server-sent-event stream.
 
-Streaming is "generate, then stream": the engine returns whole completions, and the stream replays each one in
-token-sized pieces (pieces that end inside a multi-byte character are held back, so every chunk is valid text
-and the chunks join to exactly the non-streamed content), then its tool calls as ``tool_calls`` deltas, then a
-chunk with the finish reason. Agents written against the streaming API work unchanged; they just see the first
-token later.
+Streaming streams: tokens leave as the engine samples them (:class:`LiveStream`), held back only while they may
+still change (see there), so the chunks join to exactly the non-streamed content; tool calls follow as
+``tool_calls`` deltas once the completion is whole, then a chunk with the finish reason.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rltrain.gateway.chat_format import ChatFormat
-from rltrain.gateway.tool_calls import ParsedOutput
+from rltrain.gateway.tool_calls import TOOL_CALL_OPEN, ParsedOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,39 +79,102 @@ def completion_body(result: ChatResult, fmt: ChatFormat, *, logprobs: bool) -> d
     }
 
 
-def stream_events(
-    result: ChatResult, fmt: ChatFormat, *, logprobs: bool, include_usage: bool
-) -> Iterator[str]:
-    """The ``chat.completion.chunk`` stream as SSE lines, ending with ``data: [DONE]``."""
-    for choice in result.choices:
-        yield _event(result, choice.index, {"role": "assistant", "content": ""})
-        token_logprobs = _logprobs(choice, fmt)["content"] if logprobs else None
-        for piece, tokens in _pieces(choice, fmt, token_logprobs):
-            yield _event(result, choice.index, {"content": piece}, logprobs=tokens, with_logprobs=logprobs)
-        for position, call in enumerate(choice.parsed.tool_calls):
-            yield _event(result, choice.index, {"tool_calls": [{"index": position, **call.to_openai()}]})
-        yield _event(result, choice.index, {}, finish_reason=choice.finish_reason)
-    if include_usage:
-        yield _data({**_chunk_head(result), "choices": [], "usage": result.usage()})
-    yield "data: [DONE]\n\n"
+class LiveStream:
+    """The ``chat.completion.chunk`` stream of one request, as SSE lines, built while the engine samples.
 
+    :meth:`token` takes each token as it is sampled and returns the chunk carrying the text that became final
+    with it, if any; :meth:`finish` takes the served result and returns the rest: each choice's remaining text,
+    its tool calls as ``tool_calls`` deltas, its finish reason, the usage, ``[DONE]``. Text is held back while it
+    may still change: an incomplete multi-byte character, anything from where a stop string or (with tools) a
+    ``<tool_call>`` block may begin, and (with tools) whitespace the tool-call parser may strip. So the chunks
+    join to exactly the non-streamed content. An engine that reports no tokens early gives one text chunk per
+    choice, at the end.
+    """
 
-def _pieces(
-    choice: Choice, fmt: ChatFormat, token_logprobs: list[dict[str, Any]] | None
-) -> Iterator[tuple[str, list[dict[str, Any]] | None]]:
-    """The content in token-sized pieces that join to exactly ``choice.parsed.content``, each with the
-    logprob entries of the tokens it covers (the last piece also takes any tokens left over)."""
-    content = choice.parsed.content or ""
-    emitted = 0
-    taken = 0
-    for count in range(1, len(choice.completion_ids) + 1):
-        decoded = fmt.decode(choice.completion_ids[:count], skip_special_tokens=True)
-        if decoded.endswith("\ufffd") or len(decoded) <= emitted or not content.startswith(decoded):
-            continue
-        yield decoded[emitted:], token_logprobs[taken:count] if token_logprobs is not None else None
-        emitted, taken = len(decoded), count
-    if emitted < len(content):
-        yield content[emitted:], token_logprobs[taken:] if token_logprobs is not None else None
+    def __init__(
+        self, fmt: ChatFormat, *, request_id: str, created: int, model: str, n: int, stops: Sequence[str],
+        tools: bool, logprobs: bool,
+    ) -> None:
+        self.fmt = fmt
+        self.head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        self.markers = [*stops, TOOL_CALL_OPEN] if tools else list(stops)
+        self.tools = tools
+        self.logprobs = logprobs
+        self._ids: list[list[int]] = [[] for _ in range(n)]
+        self._entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        self._emitted = [""] * n
+        self._attributed = [0] * n
+
+    def start(self) -> list[str]:
+        """The opening chunk of every choice (its role)."""
+        return [self._event(index, {"role": "assistant", "content": ""}) for index in range(len(self._ids))]
+
+    def token(self, index: int, token: int, logprob: float) -> str | None:
+        ids = self._ids[index]
+        ids.append(token)
+        if self.logprobs and token not in self.fmt.end_of_turn_ids:
+            self._entries[index].append(_token_logprob(self.fmt, token, logprob))
+        text = self.fmt.decode(ids, skip_special_tokens=True)
+        safe = self._safe(text)
+        emitted = self._emitted[index]
+        if len(safe) <= len(emitted) or not safe.startswith(emitted):
+            return None
+        self._emitted[index] = safe
+        # logprob entries go with the text once it all became final; held-back tokens go with a later piece
+        entries: list[dict[str, Any]] = []
+        if safe == text:
+            entries = self._entries[index][self._attributed[index]:]
+            self._attributed[index] = len(self._entries[index])
+        return self._event(index, {"content": safe[len(emitted):]}, logprobs=entries)
+
+    def _safe(self, text: str) -> str:
+        """The part of ``text`` that no later token, stop string or tool-call parse can change."""
+        end = len(text.rstrip("\ufffd"))
+        for marker in self.markers:
+            found = text.find(marker)
+            if found < 0:  # a suffix that could be the start of the marker
+                found = next((len(text) - k for k in range(min(len(marker) - 1, len(text)), 0, -1)
+                              if text.endswith(marker[:k])), -1)
+            if found >= 0:
+                end = min(end, found)
+        if self.tools:
+            if text[:1].isspace():  # the parser strips it when a call follows, keeps it when none does
+                return ""
+            return text[:end].rstrip()
+        return text[:end]
+
+    def finish(self, result: ChatResult, *, include_usage: bool) -> list[str]:
+        events = []
+        for choice in result.choices:
+            content = choice.parsed.content or ""
+            emitted = self._emitted[choice.index]
+            if not content.startswith(emitted):  # a decoder whose prefixes are not prefixes of the whole text
+                logger.warning("stream of choice %d diverged from its final text; the rest is not streamed",
+                               choice.index)
+                emitted = content
+            entries = _logprobs(choice, self.fmt)["content"][self._attributed[choice.index]:] if self.logprobs else []
+            if len(content) > len(emitted) or entries:
+                events.append(self._event(choice.index, {"content": content[len(emitted):]}, logprobs=entries))
+            for position, call in enumerate(choice.parsed.tool_calls):
+                events.append(self._event(choice.index, {"tool_calls": [{"index": position, **call.to_openai()}]}))
+            events.append(self._event(choice.index, {}, finish_reason=choice.finish_reason))
+        if include_usage:
+            events.append(_data({**self.head, "choices": [], "usage": result.usage()}))
+        events.append("data: [DONE]\n\n")
+        return events
+
+    def error(self, error: dict[str, Any]) -> list[str]:
+        """What a stream whose generation failed after its first chunk ends with: the error body, ``[DONE]``."""
+        return [_data(error), "data: [DONE]\n\n"]
+
+    def _event(
+        self, index: int, delta: dict[str, Any], *, finish_reason: str | None = None,
+        logprobs: Sequence[dict[str, Any]] = (),
+    ) -> str:
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason}
+        if self.logprobs and "content" in delta:
+            choice["logprobs"] = {"content": list(logprobs)}
+        return _data({**self.head, "choices": [choice]})
 
 
 def _logprobs(choice: Choice, fmt: ChatFormat) -> dict[str, Any]:
@@ -127,30 +191,6 @@ def _logprobs(choice: Choice, fmt: ChatFormat) -> dict[str, Any]:
 def _token_logprob(fmt: ChatFormat, token: int, logprob: float) -> dict[str, Any]:
     text = fmt.decode([token], skip_special_tokens=False)
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []}
-
-
-def _chunk_head(result: ChatResult) -> dict[str, Any]:
-    return {
-        "id": result.id,
-        "object": "chat.completion.chunk",
-        "created": result.created,
-        "model": result.model,
-    }
-
-
-def _event(
-    result: ChatResult,
-    index: int,
-    delta: dict[str, Any],
-    *,
-    finish_reason: str | None = None,
-    logprobs: Sequence[dict[str, Any]] | None = None,
-    with_logprobs: bool = False,
-) -> str:
-    choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason}
-    if with_logprobs:
-        choice["logprobs"] = {"content": list(logprobs or ())}
-    return _data({**_chunk_head(result), "choices": [choice]})
 
 
 def _data(payload: dict[str, Any]) -> str:

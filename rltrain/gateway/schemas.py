@@ -184,7 +184,7 @@ class ChatCompletionRequest(_OpenAIModel):
 
     @property
     def completion_limit(self) -> int | None:
-        """``max_completion_tokens`` (the newer name) or ``max_tokens``; ``None`` = up to the context."""
+        """``max_completion_tokens`` (the newer name) or ``max_tokens``; ``None`` = the gateway's default (``DEFAULT_MAX_TOKENS``, within the context)."""
         return self.max_completion_tokens or self.max_tokens
 
     @property

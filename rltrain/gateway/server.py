@@ -44,6 +44,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``; :class:`GatewayServerError` when the address is taken or invalid."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the listening
+    # socket's protocol is TCP; with protocol 0 every keep-alive response waited ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise GatewayServerError(f"cannot bind the gateway to {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`GatewayServerError` now when ``host:port`` cannot be bound: before minutes of model loading,
+    not after (port 0, any free port, always can)."""
+    if port != 0:
+        _listening_socket(host, port).close()
+
+
 class GatewayServer:
     """``with GatewayServer(app) as server: ...`` serves ``app`` at ``server.base_url`` during the block."""
 
@@ -75,16 +97,7 @@ class GatewayServer:
         """Start serving; returns the base URL once connections are accepted."""
         if self._thread is not None:
             raise GatewayServerError(f"the gateway server at {self.base_url} is already started")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the listening
-        # socket's protocol is TCP; with protocol 0 every keep-alive response waited ~40 ms for a delayed ACK.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.port))
-        except OSError as exc:
-            sock.close()
-            raise GatewayServerError(f"cannot bind the gateway to {self.host}:{self.port}: {exc}") from exc
+        sock = _listening_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         # log_config=None: leave the application's logging configuration alone (uvicorn's loggers propagate)
         config = uvicorn.Config(

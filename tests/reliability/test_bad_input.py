@@ -28,7 +28,7 @@ from rltrain.envs.room_selection.tasks import TaskRow, TaskSpecError, load_tasks
 from rltrain.gateway import create_app
 from rltrain.gateway.app import BODY_BYTES_BASE, BODY_BYTES_PER_TOKEN
 from rltrain.recipes import Recipe, RecipeError, load_recipe, parse_recipe
-from rltrain.store import MemoryStore
+from rltrain.store import MemoryStore, SqliteStore
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -39,10 +39,16 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.di
                       max_leaves=6)
 
 
+#: text with lone UTF-16 surrogates among letters and digits (hypothesis's own text strategy never draws them)
+SURROGATE_TEXT = st.text(alphabet=st.characters(categories=["Cs", "Ll", "Nd"]), min_size=1, max_size=6)
+SURROGATE_VALUES = st.recursive(SURROGATE_TEXT | SCALARS, lambda inner: st.lists(inner, max_size=3)
+                                | st.dictionaries(KEYS | SURROGATE_TEXT, inner, max_size=3), max_leaves=6)
+
+
 @st.composite
-def mutated(draw: st.DrawFn, valid: dict[str, Any]) -> tuple[Any, list[Any]]:
-    """A deep copy of ``valid`` with one value, at a random path, replaced (or one key added): the data and
-    that path."""
+def mutated(draw: st.DrawFn, valid: dict[str, Any], values: st.SearchStrategy[Any] = VALUES) -> tuple[Any, list[Any]]:
+    """A deep copy of ``valid`` with one value, at a random path, replaced (or one key added) by one of ``values``:
+    the data and that path."""
     data = copy.deepcopy(valid)
     node: Any = data
     path: list[Any] = []
@@ -54,7 +60,7 @@ def mutated(draw: st.DrawFn, valid: dict[str, Any]) -> tuple[Any, list[Any]]:
         if isinstance(child, dict | list) and child and draw(st.booleans()):
             node = child
             continue
-        node[key] = draw(VALUES)
+        node[key] = draw(values)
         return data, path
 
 
@@ -203,7 +209,7 @@ def fuzzed_gateway(tiny_model_dir: Path) -> Iterator[tuple[TestClient, MemorySto
         yield client, store
 
 
-def _check_response(response: httpx.Response, store: MemoryStore, spans_before: int) -> None:
+def _check_response(response: httpx.Response, store: MemoryStore | SqliteStore, spans_before: int) -> None:
     assert response.status_code in (200, 400, 404, 409, 413), response.text
     spans_after = len(store.get_spans("ro-fuzz"))
     if response.status_code == 200:
@@ -226,6 +232,48 @@ def test_mutated_request_bodies_are_served_or_refused_with_the_field(
     response = client.post("/rollouts/ro-fuzz/attempts/1/v1/chat/completions", content=json.dumps(case[0]),
                            headers={"content-type": "application/json"})  # json.dumps: NaN and Infinity too
     _check_response(response, store, before)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_sqlite_gateway(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, SqliteStore]]:
+    """As :func:`fuzzed_gateway`, over the SQLite store (which writes spans as JSON text, so it cannot take text
+    that is not Unicode)."""
+    from transformers import AutoTokenizer
+
+    store = SqliteStore(tmp_path_factory.mktemp("fuzz-store") / "store.sqlite")
+    start_rollouts(store, ["ro-fuzz"])
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), "Room Nova.")
+    with TestClient(create_app(engine, store, max_n=4)) as client:
+        yield client, store
+    store.close()
+
+
+@FUZZ
+@given(mutated(VALID_BODY, SURROGATE_VALUES))
+def test_bodies_with_lone_surrogates_are_refused_or_recorded_never_dropped(
+    fuzzed_sqlite_gateway: tuple[TestClient, SqliteStore], case: tuple[dict[str, Any], list[Any]]
+) -> None:
+    """Anywhere in the body, a lone surrogate is a 400 naming the field; a body served is recorded (read back from
+    SQLite), never answered 200 with its span dropped."""
+    client, store = fuzzed_sqlite_gateway
+    before = len(store.get_spans("ro-fuzz"))
+    raw = json.dumps(case[0])  # ensure_ascii: a lone surrogate travels as its escape, as JSON allows
+    response = client.post("/rollouts/ro-fuzz/attempts/1/v1/chat/completions", content=raw,
+                           headers={"content-type": "application/json"})
+    _check_response(response, store, before)
+    if not _all_text(case[0]):
+        assert response.status_code == 400 and "lone UTF-16 surrogate" in response.json()["error"]["message"]
+
+
+def _all_text(value: Any) -> bool:
+    """Whether every string in ``value`` (keys too) is Unicode text (no lone surrogate)."""
+    if isinstance(value, str):
+        return not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, dict):
+        return all(_all_text(k) and _all_text(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_all_text(v) for v in value)
+    return True
 
 
 @FUZZ

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from cli_process import rltrain
 from live_gateway import QUESTION, error_of, serve, start_rollouts
 from safetensors.torch import load_file
 
@@ -33,24 +32,13 @@ from rltrain.store import MemoryStore, SqliteStore
 from rltrain.trainer import Trainer
 from rltrain.types import Rollout, RolloutStatus, SpanKind
 
-HERE = Path(__file__).resolve().parent
 #: generous bounds on how long a tiny-model subprocess may take; the test waits on events, not on these
 PROCESS_LIMIT_S = 300
 STEPS = 3
 
 
 def _rltrain(*args: str, run_dir: Path) -> subprocess.Popen[str]:
-    """``rltrain ARGS`` in a subprocess that can import the gated environment; output goes to a log file."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    executable = Path(sys.executable).parent / "rltrain"
-    with (run_dir.parent / f"{args[0]}.log").open("w") as log:  # the child keeps its own copy of the handle
-        return subprocess.Popen([str(executable), *args, "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, text=True)
+    return rltrain(*args, log=run_dir.parent / f"{args[0]}.log")
 
 
 def _log(run_dir: Path, command: str) -> str:
@@ -172,7 +160,7 @@ def test_kill_9_mid_step_then_resume_loses_and_repeats_nothing(tmp_path: Path, t
     # the metrics: each step's lines once, the lines written before the kill kept as they were
     records = read_metrics(run_dir / "metrics.jsonl")
     assert records[: len(metrics_before)] == metrics_before
-    assert [r["step"] for r in records if r.get("event") == "rollouts"] == [0, 1, 2]
+    assert [r["step"] for r in records if r.get("event") == "rollouts"] == [1, 2, 3]
     assert [r["step"] for r in records if r.get("event") == "train" and "loss" in r] == [1, 2, 3]
     assert [r.get("event") for r in records].count("baseline") == 1
     assert [r.get("event") for r in records].count("done") == 1

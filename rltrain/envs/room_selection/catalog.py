@@ -119,6 +119,8 @@ def load_catalog(path: str | Path) -> Catalog:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CatalogError(f"cannot read catalog file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

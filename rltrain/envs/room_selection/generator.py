@@ -19,7 +19,7 @@ from typing import Any
 from rltrain.envs.room_selection.catalog import Catalog, CatalogError
 from rltrain.envs.room_selection.schema import clock_of
 from rltrain.envs.room_selection.solver import solve
-from rltrain.envs.room_selection.tasks import RoomRequest
+from rltrain.envs.room_selection.tasks import MAX_TASKS, RoomRequest, TaskSpecError
 
 START_TIMES = tuple(clock_of(minutes) for minutes in range(8 * 60, 18 * 60 + 1, 30))
 DURATIONS_MIN = (30, 60, 90, 120)
@@ -58,6 +58,8 @@ def generate_tasks(
 ) -> list[dict[str, Any]]:
     """``n`` task rows ``{"id": "g{seed}-{i}", "task_input", "expected_choice"}``, deterministic per
     ``(catalog, n, seed)``; requests equal to one in ``exclude`` (task_input dicts) are never produced."""
+    if not 1 <= n <= MAX_TASKS:
+        raise TaskSpecError(f"the number of tasks to generate must be in [1, {MAX_TASKS}], got {n}")
     if not catalog.booking_dates:
         raise CatalogError("cannot generate requests: the catalog has no bookings, so no date to ask about")
     excluded = {_identity(RoomRequest.model_validate(request)) for request in exclude}

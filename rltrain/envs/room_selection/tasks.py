@@ -27,6 +27,14 @@ PUBLIC_TRAIN_SIZE = 28
 """The public file's authors train on its first 28 rows and validate on the rest."""
 
 
+#: Bounds checked before any work, so a careless or hostile task file costs an error, not hours and gigabytes:
+#: a task set holds at most MAX_TASKS tasks (files and ``generated:n=``), a line of a task file at most
+#: MAX_ROW_BYTES (a room request is about 300 bytes), an id at most MAX_ID_CHARS characters.
+MAX_TASKS = 100_000
+MAX_ROW_BYTES = 64 * 1024
+MAX_ID_CHARS = 200
+
+
 class TaskSpecError(ValueError):
     """A task file, task row or task recipe string that cannot be turned into tasks."""
 
@@ -58,7 +66,7 @@ class TaskRow(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     task_input: RoomRequest
     expected_choice: str = Field(min_length=1)
     catalog_path: str | None = None
@@ -83,6 +91,9 @@ def load_tasks(path: str | Path, answers: Collection[str] | None = None) -> list
     """
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_TASKS * MAX_ROW_BYTES:
+            raise TaskSpecError(f"{path}: {size} bytes, more than {MAX_TASKS} rows of at most {MAX_ROW_BYTES} bytes")
         raw = path.read_bytes()
     except OSError as exc:
         raise TaskSpecError(f"cannot read task file {path}: {exc.strerror or exc}") from exc
@@ -100,6 +111,10 @@ def load_tasks(path: str | Path, answers: Collection[str] | None = None) -> list
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
+        if len(line) > MAX_ROW_BYTES:  # characters, each at least a byte: a cheap first check
+            raise TaskSpecError(f"{where}: a row of {len(line)} characters; a task row may take {MAX_ROW_BYTES} bytes")
+        if len(tasks) >= MAX_TASKS:
+            raise TaskSpecError(f"{where}: more than {MAX_TASKS} tasks in one file, the most a task set may hold")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -195,6 +210,6 @@ def _generated_options(spec: str, argument: str) -> tuple[int, int]:
             options[key] = int(value)
         except ValueError:
             raise TaskSpecError(f"task set {spec!r}: {key} must be an integer, got {value!r}") from None
-    if "n" not in options or options["n"] < 1:
-        raise TaskSpecError(f"task set {spec!r}: needs n=<count> with count >= 1; {_SPEC_HELP}")
+    if "n" not in options or not 1 <= options["n"] <= MAX_TASKS:
+        raise TaskSpecError(f"task set {spec!r}: needs n=<count> with 1 <= count <= {MAX_TASKS}; {_SPEC_HELP}")
     return options["n"], options.get("seed", 0)
