@@ -33,7 +33,7 @@ from rltrain.metrics import EvalSummary, MetricsWriter, peak_rss_mb, plot_run, r
 from rltrain.recipes import LoraConfig, SFTSection, WarmStartConfig
 from rltrain.runner import Runner
 from rltrain.serving import ServingStack
-from rltrain.types import Task, Trajectory
+from rltrain.types import Span, SpanKind, Task, Trajectory
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -114,6 +114,8 @@ def _collect(
         )
     kept = [r for r in result.rollouts if r.reward is not None and r.reward >= config.min_reward]
     spans = {r.rollout_id: rl.store.get_spans(r.rollout_id, r.attempt_count) for r in kept}
+    for setting, limit in reply_limits(recipe).items():
+        check_replies_fit(source, spans, setting, limit)
     adapted = TrajectoryAdapter().adapt_many((r, spans[r.rollout_id]) for r in kept)
     answers = answer_distribution([rl.env.answer_of(spans[r.rollout_id]) for r in kept])
     logger.info("warm start (%s): kept %d of %d rollouts (reward >= %s); answers %s", source, len(kept),
@@ -127,6 +129,36 @@ def _collect(
         f"{prefix}assistant_tokens": adapted.policy_tokens,
         f"{prefix}answer_distribution": answers,
     }
+
+
+def reply_limits(recipe: Any) -> dict[str, int]:
+    """The ``max_tokens`` settings the trained policy's replies will be sampled with: ``sampling.eval`` always,
+    ``sampling.train`` too when RL follows the warm start."""
+    limits = {"sampling.eval.max_tokens": recipe.sampling.eval.max_tokens}
+    if recipe.algorithm is not None and recipe.algorithm.name in ("grpo", "ppo"):
+        limits["sampling.train.max_tokens"] = recipe.sampling.train.max_tokens
+    return limits
+
+
+def check_replies_fit(source: str, spans_of: dict[str, list[Span]], setting: str, limit: int) -> None:
+    """Refuse demonstrations with a reply longer than ``limit`` tokens (its end-of-turn token included).
+
+    The policy samples at most ``limit`` tokens a reply, so it could never write such a demonstration whole:
+    after the warm start its every reply would be cut before it ends (a tool call before ``</tool_call>``)
+    and graded wrong, while the demonstrations looked fine. Better to stop before training on them."""
+    too_long = [
+        (len(span.attributes["completion_ids"]), rollout_id)
+        for rollout_id, spans in spans_of.items()
+        for span in spans
+        if span.kind == SpanKind.LLM and len(span.attributes.get("completion_ids", ())) > limit
+    ]
+    if too_long:
+        longest, rollout_id = max(too_long)
+        raise WarmStartError(
+            f"warm start ({source}): {len(too_long)} demonstration replies are longer than {setting}={limit} "
+            f"tokens (the longest: {longest} tokens with its end-of-turn token, in rollout {rollout_id}), so the "
+            f"policy could never write them whole; raise {setting} to at least {longest}"
+        )
 
 
 def sft_dataset(rows: list[Trajectory], max_length: int) -> tuple[Dataset, dict[str, float]]:
