@@ -379,8 +379,8 @@ class WarmStartConfig(_Section):
     batch_size: int = Field(default=8, ge=1, description="Demonstrations per optimiser step.")
     max_length: int = Field(
         default=1024, ge=1,
-        description="Longest trained sequence (prompt + completion); longer ones are cut at the end, and "
-        "dropped when no assistant token is left.",
+        description="Longest trained sequence (prompt + completion, every turn); a longer demonstration stops the "
+        "warm start with the length it needs (it is never cut: its end is the answer).",
     )
 
 

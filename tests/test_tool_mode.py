@@ -27,7 +27,7 @@ from weather_tool import WEATHER_TOOL
 from rltrain import envs
 from rltrain.agent import rollout
 from rltrain.algorithms.grpo import CompletionTooLongError, RolloutDriver
-from rltrain.algorithms.sft import WarmStartError, build_sft_trainer, collect_demonstrations
+from rltrain.algorithms.sft import WarmStartError, build_sft_trainer, collect_demonstrations, sft_dataset
 from rltrain.algorithms.shared_prompt import shared_prompt_logps
 from rltrain.envs.room_selection.solver import solve
 from rltrain.envs.room_selection.tasks import request_of
@@ -98,6 +98,9 @@ def test_tool_teacher_demonstrations_are_one_row_per_rollout_with_tool_results_m
         for example, row in zip(sft.train_dataset, rows, strict=True):  # the loss sees both turns, no tool token
             policy = [t for t, m in zip(row.completion_ids, row.env_mask, strict=True) if m]
             assert [label for label in example["labels"] if label != -100] == policy
+        longest = max(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
+        with pytest.raises(WarmStartError, match=rf"longer than max_length={longest - 1} .* at least {longest}$"):
+            sft_dataset(rows, longest - 1)  # never cut: the cut would be the answer
     finally:
         trainer.close()
 

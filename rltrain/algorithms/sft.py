@@ -164,31 +164,21 @@ def check_replies_fit(source: str, spans_of: dict[str, list[Span]], setting: str
 def sft_dataset(rows: list[Trajectory], max_length: int) -> tuple[Dataset, dict[str, float]]:
     """The pre-tokenised SFT dataset: ``input_ids`` and ``assistant_masks`` (1 = the assistant wrote it).
 
-    A row longer than ``max_length`` is cut at the end by TRL (counted in ``sft/truncated_rows``); one with
-    no assistant token left inside ``max_length`` is dropped here (``sft/dropped_rows``).
-    """
+    A row longer than ``max_length`` is refused, not cut: a demonstration ends with the assistant's answer, so a
+    cut one teaches the turns before it (a tool call) and never the answer."""
     from datasets import Dataset
 
-    input_ids: list[list[int]] = []
-    masks: list[list[int]] = []
-    truncated = dropped = 0
-    for row in rows:
-        ids = row.prompt_ids + row.completion_ids
-        mask = [0] * len(row.prompt_ids) + row.env_mask
-        if len(ids) > max_length:
-            if 1 not in mask[:max_length]:
-                dropped += 1
-                continue
-            truncated += 1
-        input_ids.append(ids)
-        masks.append(mask)
-    if not input_ids:
+    too_long = [len(row.prompt_ids) + len(row.completion_ids) for row in rows
+                if len(row.prompt_ids) + len(row.completion_ids) > max_length]
+    if too_long:
         raise WarmStartError(
-            f"all {len(rows)} demonstrations are longer than max_length={max_length} before their first "
-            "assistant token; raise max_length"
+            f"{len(too_long)} of {len(rows)} demonstrations are longer than max_length={max_length} tokens (the "
+            f"longest: {max(too_long)}); they are not cut, since a cut demonstration loses its final answer: raise "
+            f"the warm start's max_length to at least {max(too_long)}"
         )
-    metrics = {"sft/rows": float(len(input_ids)), "sft/truncated_rows": float(truncated),
-               "sft/dropped_rows": float(dropped)}
+    input_ids = [row.prompt_ids + row.completion_ids for row in rows]
+    masks = [[0] * len(row.prompt_ids) + row.env_mask for row in rows]
+    metrics = {"sft/rows": float(len(rows)), "sft/longest_row": float(max(map(len, input_ids), default=0))}
     return Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks}), metrics
 
 
