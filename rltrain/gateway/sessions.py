@@ -151,8 +151,8 @@ class SessionStore:
         with self._lock:
             session = self._sessions.get(key.rollout_id)
             first = session is not None and not session.warned
-            if first:
-                session.warned = True  # type: ignore[union-attr]
+            if session is not None:
+                session.warned = True
         logger.log(
             logging.WARNING if first else logging.DEBUG,
             "rollout %s: this call does not extend the rollout's earlier turn, so its tokens start a new training "
