@@ -37,6 +37,11 @@ class EvalSummary(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     llm_calls: int = 0
+    cut_replies: int = Field(
+        default=0, description="llm calls whose reply was cut by max_tokens (finish_reason `length`): an answer cut "
+        "before it ends can still parse, so a nonzero count means raise sampling.eval.max_tokens",
+    )
+    tool_calls: int = Field(default=0, description="llm calls that answered with a tool call")
     mean_latency_s: float = 0.0
     wall_s: float = 0.0
 
@@ -51,7 +56,7 @@ def summarise(
     """Aggregate finished rollouts (and their spans) into an :class:`EvalSummary`."""
     n = len(rollouts)
     rewards = [r.reward if r.status is RolloutStatus.SUCCEEDED and r.reward is not None else 0.0 for r in rollouts]
-    prompt_tokens = completion_tokens = calls = 0
+    prompt_tokens = completion_tokens = calls = cut = tool_calls = 0
     for spans in spans_of.values():
         for span in spans:
             if span.kind is SpanKind.LLM:
@@ -59,8 +64,16 @@ def summarise(
                 prompt_tokens += int(usage.get("prompt_tokens", 0))
                 completion_tokens += int(usage.get("completion_tokens", 0))
                 calls += 1
+                cut += span.attributes.get("finish_reason") == "length"
+                tool_calls += bool(span.attributes.get("tool_calls"))
     latencies = [r.ended_at - r.started_at for r in rollouts if r.ended_at and r.started_at]
     counted = Counter(answers.get(r.rollout_id) or "<unparsed>" for r in rollouts)
+    if cut:
+        logger.warning(
+            "%s: %d of %d replies were cut by max_tokens (finish_reason 'length'; the eval table's `cut` column): "
+            "a cut answer is graded as written, so raise sampling.eval.max_tokens if they are meant to be longer",
+            task_set, cut, calls,
+        )
     return EvalSummary(
         task_set=task_set,
         n=n,
@@ -73,6 +86,8 @@ def summarise(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         llm_calls=calls,
+        cut_replies=cut,
+        tool_calls=tool_calls,
         mean_latency_s=sum(latencies) / len(latencies) if latencies else 0.0,
         wall_s=wall_s,
     )

@@ -324,10 +324,11 @@ class RLSection(AlgorithmConfig):
     epsilon_high: float | None = Field(default=None, gt=0, description="Upper clip range (None = epsilon).")
     num_iterations: int = Field(default=1, ge=1, description="Optimisation passes per generated batch (mu).")
     mask_truncated_completions: bool = Field(
-        default=False, description="Exclude rows that hit max_completion_length from the loss."
+        default=False, description="Exclude rows whose last reply was cut by sampling.train.max_tokens from the loss."
     )
     max_completion_length: int = Field(
-        default=64, ge=1, description="Longest trained completion (all turns of a row, policy + tool tokens)."
+        default=64, ge=1, description="Longest row after its first prompt (all turns: the model's replies, tool "
+        "results and template tokens). A longer row stops the run with the length it needs (rows are never cut).",
     )
     resample_zero_std: int = Field(
         default=0, ge=0, description="Re-run a group whose rewards are all equal up to this many times."
@@ -480,8 +481,8 @@ class WarmStartConfig(_Section):
     batch_size: int = Field(default=8, ge=1, description="Demonstrations per optimiser step.")
     max_length: int = Field(
         default=1024, ge=1,
-        description="Longest trained sequence (prompt + completion); longer ones are cut at the end, and "
-        "dropped when no assistant token is left.",
+        description="Longest trained sequence (prompt + completion, every turn); a longer demonstration stops the "
+        "warm start with the length it needs (it is never cut: its end is the answer).",
     )
 
 

@@ -181,7 +181,9 @@ class LLMCallRecord(_Record):
 
     ``prompt_ids``/``completion_ids`` are exactly the tokens the engine saw and sampled; ``logprobs`` has one
     entry per completion token. ``prefix_reused`` is true when ``prompt_ids`` starts with the previous turn's
-    prompt + completion ids of the same rollout (decision 1 of the design). ``teacher`` marks a reply that was
+    prompt + completion ids of the same rollout (decision 1 of the design); when it does not although the call
+    continues the rollout's conversation, ``fork_cause`` says why (see ``rltrain.gateway.sessions.FORK_CAUSES``).
+    ``teacher`` marks a reply that was
     given to the gateway (``rltrain_completion``, a demonstration) instead of sampled: its ``logprobs`` are all
     0.0, and it is data for supervised warm starts, never an on-policy sample.
     """
@@ -199,6 +201,7 @@ class LLMCallRecord(_Record):
     usage: dict[str, int]
     policy_version: int = 0
     prefix_reused: bool = False
+    fork_cause: str | None = None
     tag: str | None = None
     latency_s: float = 0.0
     choice_index: int = 0

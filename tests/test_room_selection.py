@@ -693,3 +693,23 @@ def test_reference_policies_match_calibration_on_the_first_28() -> None:
     assert policies["always No Room"] == pytest.approx(0.214, abs=5e-4)
     assert policies["random feasible room"] == pytest.approx(0.710, abs=2e-3)  # theirs: a 1000-seed mean
     assert policies["first feasible room"] == pytest.approx(0.750, abs=5e-4)
+
+
+def test_brief_room_lines_state_the_same_checks_in_fewer_words() -> None:
+    """``room_lines: brief`` (an environment option) writes each room as its verdict plus the failed checks or the
+    tie-break values; the facts are the full lines', in catalog order."""
+    env = get_env("room_selection", room_lines="brief")
+    assert env.room_lines == "brief"
+    for task in env.load_tasks("public:val"):
+        request = request_of(task.payload)
+        full = prompt_values("inline", request, env.catalog)["rooms"].splitlines()
+        brief = prompt_values("inline", request, env.catalog, "brief")["rooms"].splitlines()
+        assert len(brief) == len(full) == len(env.catalog.rooms)
+        for full_line, brief_line, check in zip(full, brief, check_rooms(request, env.catalog), strict=True):
+            assert brief_line.startswith(f"- {check.room.id}: ") and len(brief_line) < len(full_line)
+            assert ("PASSES" in brief_line) == check.passes == ("PASSES" in full_line)
+            assert ("busy" in brief_line) == (not check.free)
+            if check.passes:
+                assert f"slack {check.capacity_slack}, extra {check.extra_equipment}" in brief_line
+    with pytest.raises(ValueError, match="room_lines must be one of"):
+        get_env("room_selection", room_lines="short")

@@ -11,7 +11,10 @@ design). So a multi-turn rollout is rebuilt here by *concatenation only*, never 
   results, the next user turn, template tokens, or the output of a call that was not selected for training)
   are appended with mask 0 and logprob 0.0, then its completion with mask 1;
 * a call that extends no row (the agent rewrote or truncated its history, or it is another of ``n > 1``
-  choices of the same prompt) starts a new row, counted in ``adapter/forked_rows``.
+  choices of the same prompt) starts a new row, counted in ``adapter/forked_rows`` and, by the cause the gateway
+  recorded (``fork_cause``: tools differ, system prompt differs, template re-renders history, history
+  rewritten), in ``adapter/fork_causes/<cause>``; ``another_choice`` for a second choice of one prompt,
+  ``new_conversation`` for a call that shares nothing with the rollout's earlier calls.
 
 Nothing is dropped silently: every llm span of the final attempt either lands in a row or is counted
 (``skipped_calls`` when its tag is not trained, ``earlier_attempt_calls`` for spans of retried attempts), and
@@ -45,7 +48,7 @@ class AdapterResult:
     ungraded); ``empty_rollouts``: rollouts with a reward but no trained llm call; ``llm_calls``: llm spans of
     final attempts (trained ones are ``llm_calls - skipped_calls``); ``skipped_calls``: llm calls whose tag is
     not the trained one; ``earlier_attempt_calls``: llm spans of retried attempts, ignored; ``forked_rows``:
-    rows started because a call extended no existing row; ``policy_tokens`` / ``env_tokens``: completion tokens
+    rows started because a call extended no existing row; ``fork_causes``: those rows by cause; ``policy_tokens`` / ``env_tokens``: completion tokens
     with mask 1 / mask 0.
     """
 
@@ -57,6 +60,7 @@ class AdapterResult:
     skipped_calls: int = 0
     earlier_attempt_calls: int = 0
     forked_rows: int = 0
+    fork_causes: dict[str, int] = field(default_factory=dict)
     policy_tokens: int = 0
     env_tokens: int = 0
 
@@ -74,7 +78,9 @@ class AdapterResult:
             "policy_tokens": self.policy_tokens,
             "env_tokens": self.env_tokens,
         }
-        return {f"adapter/{name}": float(value) for name, value in counters.items()}
+        metrics = {f"adapter/{name}": float(value) for name, value in counters.items()}
+        metrics.update({f"adapter/fork_causes/{cause}": float(n) for cause, n in sorted(self.fork_causes.items())})
+        return metrics
 
 
 class _OpenRow:
@@ -187,6 +193,8 @@ class TrajectoryAdapter:
             if row is None:
                 if rows:
                     result.forked_rows += 1
+                    cause = _fork_cause(attrs)
+                    result.fork_causes[cause] = result.fork_causes.get(cause, 0) + 1
                 rows.append(_OpenRow(prompt_ids, completion_ids, logprobs, version))
             else:
                 result.env_tokens += row.extend(prompt_ids, completion_ids, logprobs, version)
@@ -230,6 +238,14 @@ def _longest_prefix_row(rows: list[_OpenRow], prompt_ids: list[int]) -> _OpenRow
         if (best is None or row.seq_len > best.seq_len) and row.is_prefix_of(prompt_ids):
             best = row
     return best
+
+
+def _fork_cause(attrs: dict[str, Any]) -> str:
+    """The gateway's cause for a call that starts a new row, or what else it is."""
+    cause = attrs.get("fork_cause")
+    if cause:
+        return str(cause)
+    return "another_choice" if attrs.get("choice_index", 0) else "new_conversation"
 
 
 def _token_fields(span: Span, attrs: dict[str, Any]) -> tuple[list[int], list[int], list[float], int]:

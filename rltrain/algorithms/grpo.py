@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class CompletionTooLongError(ValueError):
+    """A step's row is longer than ``algorithm.max_completion_length``; the message names the length needed."""
+
+
 @dataclass
 class StepSamples:
     """What one generation step produced, before it is handed to TRL (``spans``: each rollout's final-attempt
@@ -229,29 +233,34 @@ class RolloutDriver:
     def _rows(
         self, rollouts: list[Rollout], spans: dict[str, list[Span]]
     ) -> tuple[list[Trajectory | None], dict[str, float]]:
-        """One row per rollout (TRL trains one sequence per sample): its last row, truncated to the limit."""
+        """One row per rollout (TRL trains one sequence per sample): its last row, whole.
+
+        A multi-turn row holds every turn after the first prompt (the model's replies, the tool results and the
+        template tokens between them, masked), so its length comes from the data. A row longer than
+        ``max_completion_length`` is an error naming the length it needs, never cut: a cut row would train the
+        first turns (a tool call) with the reward the whole conversation (its answer) earned."""
         limit = self.section.max_completion_length
         result = self.adapter.adapt_many((r, spans[r.rollout_id]) for r in rollouts)
         last: dict[str, Trajectory] = {}
         for row in result.rows:
             last[row.rollout_id] = row
         untrained = len(result.rows) - len(last)
-        truncated = 0
-        rows: list[Trajectory | None] = []
-        for r in rollouts:
-            row = last.get(r.rollout_id)
-            if row is not None and len(row.completion_ids) > limit:
-                truncated += 1
-                row = row.model_copy(update={
-                    "completion_ids": row.completion_ids[:limit],
-                    "logprobs": row.logprobs[:limit],
-                    "env_mask": row.env_mask[:limit],
-                })
-            rows.append(row)
+        rows = [last.get(r.rollout_id) for r in rollouts]
+        too_long = [(len(row.completion_ids), sum(row.env_mask), row.rollout_id)
+                    for row in rows if row is not None and len(row.completion_ids) > limit]
+        if too_long:
+            longest, policy_tokens, rollout_id = max(too_long)
+            raise CompletionTooLongError(
+                f"{len(too_long)} of {len(rows)} rows are longer than algorithm.max_completion_length={limit} "
+                f"tokens (the longest: {longest} tokens after the first prompt, {policy_tokens} of them the "
+                f"model's and the rest tool results and template tokens, in rollout {rollout_id}); rows are not "
+                "cut, because a cut row trains part of a conversation with the reward of the whole: set "
+                f"algorithm.max_completion_length to at least {longest}, with room for longer replies"
+            )
         metrics = result.metrics()
         metrics["adapter/rows_not_trained"] = float(untrained)
-        metrics["train/truncated_rows"] = float(truncated)
         metrics["train/rollouts_without_row"] = float(sum(row is None for row in rows))
+        metrics["train/longest_row"] = float(max((len(r.completion_ids) for r in rows if r is not None), default=0))
         return rows, metrics
 
     @staticmethod

@@ -33,7 +33,7 @@ from rltrain.metrics import EvalSummary, MetricsWriter, peak_rss_mb, plot_run, r
 from rltrain.recipes import LoraConfig, SFTSection, WarmStartConfig
 from rltrain.runner import Runner
 from rltrain.serving import ServingStack
-from rltrain.types import Task, Trajectory
+from rltrain.types import Span, SpanKind, Task, Trajectory
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -116,6 +116,8 @@ def _collect(
         )
     kept = [r for r in result.rollouts if r.reward is not None and r.reward >= config.min_reward]
     spans = {r.rollout_id: rl.store.get_spans(r.rollout_id, r.attempt_count) for r in kept}
+    for setting, limit in reply_limits(recipe).items():
+        check_replies_fit(source, spans, setting, limit)
     adapted = TrajectoryAdapter().adapt_many((r, spans[r.rollout_id]) for r in kept)
     answers = answer_distribution([rl.env.answer_of(spans[r.rollout_id]) for r in kept])
     logger.info("warm start (%s): kept %d of %d rollouts (reward >= %s); answers %s", source, len(kept),
@@ -131,34 +133,54 @@ def _collect(
     }
 
 
+def reply_limits(recipe: Any) -> dict[str, int]:
+    """The ``max_tokens`` settings the trained policy's replies will be sampled with: ``sampling.eval`` always,
+    ``sampling.train`` too when RL follows the warm start."""
+    limits = {"sampling.eval.max_tokens": recipe.sampling.eval.max_tokens}
+    if recipe.algorithm is not None and recipe.algorithm.name in ("grpo", "ppo"):
+        limits["sampling.train.max_tokens"] = recipe.sampling.train.max_tokens
+    return limits
+
+
+def check_replies_fit(source: str, spans_of: dict[str, list[Span]], setting: str, limit: int) -> None:
+    """Refuse demonstrations with a reply longer than ``limit`` tokens (its end-of-turn token included).
+
+    The policy samples at most ``limit`` tokens a reply, so it could never write such a demonstration whole:
+    after the warm start its every reply would be cut before it ends (a tool call before ``</tool_call>``)
+    and graded wrong, while the demonstrations looked fine. Better to stop before training on them."""
+    too_long = [
+        (len(span.attributes["completion_ids"]), rollout_id)
+        for rollout_id, spans in spans_of.items()
+        for span in spans
+        if span.kind == SpanKind.LLM and len(span.attributes.get("completion_ids", ())) > limit
+    ]
+    if too_long:
+        longest, rollout_id = max(too_long)
+        raise WarmStartError(
+            f"warm start ({source}): {len(too_long)} demonstration replies are longer than {setting}={limit} "
+            f"tokens (the longest: {longest} tokens with its end-of-turn token, in rollout {rollout_id}), so the "
+            f"policy could never write them whole; raise {setting} to at least {longest}"
+        )
+
+
 def sft_dataset(rows: list[Trajectory], max_length: int) -> tuple[Dataset, dict[str, float]]:
     """The pre-tokenised SFT dataset: ``input_ids`` and ``assistant_masks`` (1 = the assistant wrote it).
 
-    A row longer than ``max_length`` is cut at the end by TRL (counted in ``sft/truncated_rows``); one with
-    no assistant token left inside ``max_length`` is dropped here (``sft/dropped_rows``).
-    """
+    A row longer than ``max_length`` is refused, not cut: a demonstration ends with the assistant's answer, so a
+    cut one teaches the turns before it (a tool call) and never the answer."""
     from datasets import Dataset
 
-    input_ids: list[list[int]] = []
-    masks: list[list[int]] = []
-    truncated = dropped = 0
-    for row in rows:
-        ids = row.prompt_ids + row.completion_ids
-        mask = [0] * len(row.prompt_ids) + row.env_mask
-        if len(ids) > max_length:
-            if 1 not in mask[:max_length]:
-                dropped += 1
-                continue
-            truncated += 1
-        input_ids.append(ids)
-        masks.append(mask)
-    if not input_ids:
+    too_long = [len(row.prompt_ids) + len(row.completion_ids) for row in rows
+                if len(row.prompt_ids) + len(row.completion_ids) > max_length]
+    if too_long:
         raise WarmStartError(
-            f"all {len(rows)} demonstrations are longer than max_length={max_length} before their first "
-            "assistant token; raise max_length"
+            f"{len(too_long)} of {len(rows)} demonstrations are longer than max_length={max_length} tokens (the "
+            f"longest: {max(too_long)}); they are not cut, since a cut demonstration loses its final answer: raise "
+            f"the warm start's max_length to at least {max(too_long)}"
         )
-    metrics = {"sft/rows": float(len(input_ids)), "sft/truncated_rows": float(truncated),
-               "sft/dropped_rows": float(dropped)}
+    input_ids = [row.prompt_ids + row.completion_ids for row in rows]
+    masks = [[0] * len(row.prompt_ids) + row.env_mask for row in rows]
+    metrics = {"sft/rows": float(len(rows)), "sft/longest_row": float(max(map(len, input_ids), default=0))}
     return Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks}), metrics
 
 

@@ -295,6 +295,7 @@ class ChatService:
                 },
                 policy_version=policy_version,
                 prefix_reused=plan.prefix_reused,
+                fork_cause=plan.fork_cause,
                 tag=tag,
                 latency_s=ended - started,
                 choice_index=choice.index,

@@ -14,6 +14,12 @@ tokenised. When no turn matches (the agent rewrote its history) or the check fai
 earlier turns differently), the whole prompt is tokenised and ``prefix_reused`` is false: served, never an
 error; the trajectory adapter starts a new row there.
 
+Such a fork splits a rollout into several training rows, which is rarely what the agent's author meant, so the
+plan names its cause (``fork_cause``, one of :data:`FORK_CAUSES`, recorded in the llm span and counted by the
+adapter) and the first fork of each rollout is logged at WARNING with the fix. A call that shares nothing with
+the earlier turns (another conversation in the same rollout, e.g. a second agent) is not a fork of them: it has
+no cause and no warning.
+
 Memory is bounded: a session is dropped when its rollout finishes (:meth:`SessionStore.drop`), a new attempt
 replaces the previous attempt's session, a session keeps its latest ``max_turns`` turns (each holds its ids and
 their text, about 12 bytes per token), and at most ``max_sessions`` sessions are kept (least recently used
@@ -32,6 +38,25 @@ from rltrain.gateway.chat_format import ChatFormat
 from rltrain.gateway.schemas import ChatMessage, MessageKey, ToolSpec
 
 logger = logging.getLogger(__name__)
+
+TOOLS_DIFFER = "tools_differ"
+SYSTEM_DIFFERS = "system_prompt_differs"
+TEMPLATE_RERENDERS = "template_rerenders_history"
+HISTORY_REWRITTEN = "history_rewritten"
+FORK_CAUSES: dict[str, str] = {
+    TOOLS_DIFFER: "tools differ from the earlier turn's (the tools are rendered into the prompt, so a call without "
+    "the same tools= renders a different prompt); fix: pass the same tools= (and tool_choice) on every call of "
+    "the rollout",
+    SYSTEM_DIFFERS: "the system prompt differs from the earlier turn's; fix: send the same system message on "
+    "every call of the rollout",
+    TEMPLATE_RERENDERS: "the template re-renders history (the earlier turns render differently from the tokens "
+    "that were sampled, e.g. a template that drops past reasoning or reformats past tool calls); fix: use a chat "
+    "template that renders earlier turns verbatim, or accept one row per call",
+    HISTORY_REWRITTEN: "the messages do not extend an earlier turn (a message was edited or dropped, or the "
+    "assistant's reply was not sent back as the gateway returned it); fix: append to the conversation and send "
+    "earlier messages back unchanged",
+}
+"""Why a call did not extend its rollout's earlier turn (``PromptPlan.fork_cause``), each with its fix."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +79,10 @@ class PromptPlan:
     prompt_text: str
     prefix_reused: bool
     raw_assistant: dict[int, str] = field(default_factory=dict)
+    tools: tuple[str, ...] = ()
+    """The tools the prompt was rendered with (canonical JSON; a later call with others forks)."""
+    fork_cause: str | None = None
+    """Why an earlier turn of the same conversation was not reused (a key of :data:`FORK_CAUSES`), else None."""
 
 
 @dataclass(frozen=True)
@@ -63,12 +92,18 @@ class _Turn:
     raw_assistant: dict[int, str]  # raw texts of gateway-made messages in context + reply
     ids: tuple[int, ...]  # prompt + completion (+ turn closing) ids
     text: str  # the text those ids stand for
+    tools: tuple[str, ...] = ()  # the tools it was rendered with (canonical JSON), to name a fork's cause
 
 
 @dataclass
 class _Session:
     attempt_no: int
     turns: deque[_Turn]
+    warned: bool = False  # a fork of this rollout was logged at WARNING already
+
+
+def _tools_key(tools: Sequence[ToolSpec] | None) -> tuple[str, ...]:
+    return tuple(tool.model_dump_json(exclude_none=True) for tool in tools or ())
 
 
 class SessionStore:
@@ -94,19 +129,35 @@ class SessionStore:
         """The prompt ids for ``messages``, reusing the longest matching earlier turn of ``key``'s session
         (``key=None``: a call outside any rollout, tokenised from scratch)."""
         fmt = self.chat_format
-        match = self._longest_match(key, [message.key() for message in messages]) if key else None
+        keys = [message.key() for message in messages]
+        tools_key = _tools_key(tools)
+        match, latest = self._longest_match(key, keys) if key else (None, None)
         raw = dict(match.raw_assistant) if match else {}
         text = fmt.render(messages, tools, raw_assistant=raw, continue_final_message=continue_final_message)
         if match is not None and text.startswith(match.text):
             ids = list(match.ids) + fmt.tokenize(text[len(match.text) :])
-            return PromptPlan(prompt_ids=ids, prompt_text=text, prefix_reused=True, raw_assistant=raw)
-        if match is not None:
-            logger.info(
-                "the conversation extends an earlier turn but its rendering does not start with that turn's text "
-                "(does the template render earlier turns differently?); tokenising the whole prompt"
-            )
+            return PromptPlan(prompt_ids=ids, prompt_text=text, prefix_reused=True, raw_assistant=raw,
+                              tools=tools_key)
+        cause = _fork_cause(match, latest, keys, tools_key)
+        if cause is not None and key is not None:
+            self._report_fork(key, cause)
         return PromptPlan(
-            prompt_ids=fmt.tokenize(text), prompt_text=text, prefix_reused=False, raw_assistant=raw
+            prompt_ids=fmt.tokenize(text), prompt_text=text, prefix_reused=False, raw_assistant=raw,
+            tools=tools_key, fork_cause=cause,
+        )
+
+    def _report_fork(self, key: SessionKey, cause: str) -> None:
+        """Log the first fork of a rollout at WARNING with its fix; later ones at DEBUG."""
+        with self._lock:
+            session = self._sessions.get(key.rollout_id)
+            first = session is not None and not session.warned
+            if session is not None:
+                session.warned = True
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "rollout %s: this call does not extend the rollout's earlier turn, so its tokens start a new training "
+            "row (counted in adapter/fork_causes/%s): %s%s", key.rollout_id, cause, FORK_CAUSES[cause],
+            " (logged once per rollout)" if first else "",
         )
 
     def record(
@@ -143,6 +194,7 @@ class SessionStore:
             raw_assistant={**plan.raw_assistant, len(keys): raw_reply},
             ids=(*plan.prompt_ids, *completion_ids, *closing_ids),
             text=plan.prompt_text + continuation + closing,
+            tools=plan.tools,
         )
         with self._lock:
             session = self._sessions.get(key.rollout_id)
@@ -164,12 +216,13 @@ class SessionStore:
         with self._lock:
             return len(self._sessions)
 
-    def _longest_match(self, key: SessionKey, keys: list[MessageKey]) -> _Turn | None:
-        """The turn with the longest context such that ``keys`` starts with its context followed by its reply."""
+    def _longest_match(self, key: SessionKey, keys: list[MessageKey]) -> tuple[_Turn | None, _Turn | None]:
+        """The turn with the longest context such that ``keys`` starts with its context followed by its reply,
+        and the session's latest turn (to name the cause when none matches)."""
         with self._lock:
             session = self._sessions.get(key.rollout_id)
             if session is None or session.attempt_no != key.attempt_no:
-                return None
+                return None, None
             self._sessions.move_to_end(key.rollout_id)
             best: _Turn | None = None
             for turn in session.turns:
@@ -177,4 +230,26 @@ class SessionStore:
                 longer = best is None or k > len(best.context)
                 if longer and len(keys) > k and keys[k] == turn.reply and tuple(keys[:k]) == turn.context:
                     best = turn
-            return best
+            return best, (session.turns[-1] if session.turns else None)
+
+
+def _fork_cause(
+    match: _Turn | None, latest: _Turn | None, keys: list[MessageKey], tools: tuple[str, ...]
+) -> str | None:
+    """Why a call did not reuse an earlier turn: its messages extend ``match`` but the rendering differs (tools,
+    else the template), or they match none but continue the same conversation as ``latest`` (its first user
+    message: the system prompt or a later message changed). ``None``: the first call, or another conversation."""
+    if match is not None:
+        return TOOLS_DIFFER if match.tools != tools else TEMPLATE_RERENDERS
+    if latest is None:
+        return None
+    earlier = [*latest.context, latest.reply]
+    if _first_user(earlier) is None or _first_user(earlier) != _first_user(keys):
+        return None
+    system = [k for k in keys if k.role == "system"][:1]
+    earlier_system = [k for k in earlier if k.role == "system"][:1]
+    return SYSTEM_DIFFERS if system != earlier_system else HISTORY_REWRITTEN
+
+
+def _first_user(keys: Sequence[MessageKey]) -> MessageKey | None:
+    return next((k for k in keys if k.role == "user"), None)

@@ -4,7 +4,11 @@ Task sets (``load_tasks``): ``public`` (the 40 packaged requests), ``public:trai
 ``public:val`` (last 12), ``generated:n=200,seed=7`` (solver-labelled random requests), or a ``.jsonl`` path.
 Agent modes: ``tool`` (the seed's tool-calling agent), ``inline`` (room checks written into the prompt, for
 small models), ``teacher`` (the inline request answered by the solver through the gateway: demonstrations for
-the warm start), ``solver`` (no model; the reference agent).
+the warm start), ``tool_teacher`` (the tool conversation with the tool call and the solver's answer given: tool
+demonstrations), ``solver`` (no model; the reference agent).
+
+Options (``env.options`` in a recipe): ``catalog`` (a catalog file; the packaged seven rooms by default) and
+``room_lines`` (``full`` or ``brief``: how the inline prompt writes each room's checks, see :mod:`.prompts`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from rltrain.agent import Agent
 from rltrain.envs.room_selection.agent import AGENT_MODES, GRADE_SPAN, catalog_for, make_agent
 from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
-from rltrain.envs.room_selection.prompts import DEFAULT_PROMPTS, default_prompts
+from rltrain.envs.room_selection.prompts import DEFAULT_PROMPTS, ROOM_LINES, RoomLines, default_prompts
 from rltrain.envs.room_selection.schema import NO_ROOM
 from rltrain.envs.room_selection.solver import check_rooms
 from rltrain.envs.room_selection.tasks import request_of, resolve_tasks
@@ -26,10 +30,13 @@ class RoomSelectionEnv:
 
     name = "room_selection"
 
-    def __init__(self, catalog: str | Path = "reference") -> None:
+    def __init__(self, catalog: str | Path = "reference", room_lines: RoomLines = "full") -> None:
+        if room_lines not in ROOM_LINES:
+            raise ValueError(f"room_selection option room_lines must be one of {list(ROOM_LINES)}, got {room_lines!r}")
         path = reference_catalog_path() if str(catalog) == "reference" else Path(catalog)
         self.catalog_path = path
         self.catalog: Catalog = load_catalog(path)
+        self.room_lines: RoomLines = room_lines
         self._agents: dict[str, Agent] = {}
 
     def load_tasks(self, spec: str) -> list[Task]:
@@ -37,7 +44,7 @@ class RoomSelectionEnv:
 
     def agent(self, mode: str) -> Agent:
         if mode not in self._agents:
-            self._agents[mode] = make_agent(mode, self.catalog)
+            self._agents[mode] = make_agent(mode, self.catalog, room_lines=self.room_lines)
         return self._agents[mode]
 
     def reference_agent(self) -> Agent:
@@ -86,7 +93,7 @@ class RoomSelectionEnv:
                 "first feasible room": first_feasible / n}
 
     def __repr__(self) -> str:
-        return f"RoomSelectionEnv(catalog={str(self.catalog_path)!r})"
+        return f"RoomSelectionEnv(catalog={str(self.catalog_path)!r}, room_lines={self.room_lines!r})"
 
 
 __all__ = ["RoomSelectionEnv"]

@@ -11,8 +11,16 @@ Modes:
   (``rltrain_completion``): the gateway tokenises it as if the model had written it, so a teacher rollout is a
   demonstration recorded like any inline rollout (the warm start trains on it). It goes through the gateway,
   so it needs the serving stack, but never samples.
+- ``tool_teacher``: the ``tool`` agent's exact conversation with every reply given (``rltrain_completion``): the
+  tool call as the model should write it (the gateway's tool-call format, which the gateway parses back into
+  ``tool_calls``), then, after the real tool result, the solver's answer. With ``tools=`` on every call the
+  gateway extends one token sequence, so a demonstration is one row whose tool result tokens are masked, and
+  the warm start trains both assistant turns.
 - ``solver``: answers with the solver and calls no model: the reference agent, 1.0 on any correctly labelled
   task set, which checks the runner, store and grader end to end.
+
+How the inline prompt writes the rooms (``room_lines``: ``full`` or ``brief``, see :mod:`.prompts`) is fixed per
+agent by :func:`make_agent`; the teacher of an inline agent must be made with the same setting.
 
 Which catalog: an agent is made for one catalog by :func:`make_agent` (the environment passes its own), and
 a task whose payload names a ``catalog_path`` is answered against that file instead (loaded once per
@@ -37,15 +45,15 @@ from openai import OpenAI
 
 from rltrain.agent import Agent, current_context, emit_reward, rollout
 from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
-from rltrain.envs.room_selection.prompts import prompt_values
+from rltrain.envs.room_selection.prompts import ROOM_LINES, RoomLines, prompt_values
 from rltrain.envs.room_selection.solver import grade, solve
 from rltrain.envs.room_selection.tasks import RoomRequest, request_of
-from rltrain.envs.room_selection.tools import TOOL_DEFINITIONS, execute_tool_call
+from rltrain.envs.room_selection.tools import TOOL_DEFINITIONS, TOOL_NAME, execute_tool_call
 from rltrain.types import LLMResource, PromptTemplate, Resources, SpanKind
 
 logger = logging.getLogger(__name__)
 
-AGENT_MODES = ("tool", "inline", "teacher", "solver")
+AGENT_MODES = ("tool", "inline", "teacher", "tool_teacher", "solver")
 DEFAULT_MAX_TURNS = 4
 GRADE_SPAN = "grade"
 CONTINUE_ANSWER = {"continue_final_message": True, "add_generation_prompt": False}
@@ -91,9 +99,9 @@ def _sampling(llm: LLMResource) -> dict[str, Any]:
 
 
 def _opening_messages(
-    mode: str, request: RoomRequest, resources: Resources, catalog: Catalog
+    mode: str, request: RoomRequest, resources: Resources, catalog: Catalog, room_lines: RoomLines = "full"
 ) -> list[dict[str, Any]]:
-    values = prompt_values(mode, request, catalog)
+    values = prompt_values(mode, request, catalog, room_lines)
     return [
         {"role": "system", "content": _template(resources, "system", mode).format(**values)},
         {"role": "user", "content": _template(resources, "user", mode).format(**values)},
@@ -108,17 +116,25 @@ def _name_and_arguments(call: Any) -> tuple[str, str]:
     return call.custom.name, call.custom.input
 
 
-def _answer_with_tools(request: RoomRequest, resources: Resources, catalog: Catalog, max_turns: int) -> str:
-    """Chat with tools until the model answers without calling one (or ``max_turns`` calls are spent)."""
+def _answer_with_tools(
+    request: RoomRequest, resources: Resources, catalog: Catalog, max_turns: int, *, teacher: bool = False
+) -> str:
+    """Chat with tools until the model answers without calling one (or ``max_turns`` calls are spent).
+
+    As the ``teacher``, every reply is given instead of sampled (:func:`_teacher_replies`); the conversation,
+    tools and tool execution are the same, so the demonstration is what the policy's own rollout looks like."""
     messages = _opening_messages("tool", request, resources, catalog)
+    given = iter(_teacher_replies(request, catalog)) if teacher else None
     with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
         for _ in range(max_turns):
+            reply = next(given, None) if given is not None else None
             response = client.chat.completions.create(
                 model=resources.llm.model,
                 messages=messages,  # type: ignore[arg-type]
                 tools=TOOL_DEFINITIONS,  # type: ignore[arg-type]
                 tool_choice="auto",
                 **_sampling(resources.llm),
+                extra_body={"rltrain_completion": reply} if reply is not None else None,
             )
             message = response.choices[0].message
             if not message.tool_calls:
@@ -145,12 +161,22 @@ def _answer_with_tools(request: RoomRequest, resources: Resources, catalog: Cata
     return message.content or ""
 
 
+def _teacher_replies(request: RoomRequest, catalog: Catalog) -> list[str]:
+    """The tool teacher's two replies: the tool call for the request's slot, written in the gateway's tool-call
+    format (the one the model is asked for, natively or through the fallback prompt), then the answer."""
+    # Imported here: the format lives with the gateway's parser, whose package pulls in the HTTP server.
+    from rltrain.gateway.tool_calls import format_tool_call
+
+    query = {"date": request.date, "time": request.time, "duration_min": request.duration_min}
+    return [format_tool_call(TOOL_NAME, query), f"final_choice: {solve(request, catalog)}"]
+
+
 def _inline_request(
-    request: RoomRequest, resources: Resources, catalog: Catalog
+    request: RoomRequest, resources: Resources, catalog: Catalog, room_lines: RoomLines
 ) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
     """The inline call: its messages, the answer prefix they end with ("" for none) and the ``extra_body``
     that makes the server continue that prefix (empty without one)."""
-    messages = _opening_messages("inline", request, resources, catalog)
+    messages = _opening_messages("inline", request, resources, catalog, room_lines)
     prefix_template = resources.prompts.get("answer_prefix")
     prefix = prefix_template.format() if prefix_template is not None else ""
     if not prefix:
@@ -159,9 +185,11 @@ def _inline_request(
     return messages, prefix, dict(CONTINUE_ANSWER)
 
 
-def _answer_inline(request: RoomRequest, resources: Resources, catalog: Catalog) -> str:
+def _answer_inline(
+    request: RoomRequest, resources: Resources, catalog: Catalog, *, room_lines: RoomLines = "full"
+) -> str:
     """One chat call; with an answer prefix, the model continues it and the answer is prefix + continuation."""
-    messages, prefix, extra_body = _inline_request(request, resources, catalog)
+    messages, prefix, extra_body = _inline_request(request, resources, catalog, room_lines)
     with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
         response = client.chat.completions.create(
             model=resources.llm.model,
@@ -172,10 +200,12 @@ def _answer_inline(request: RoomRequest, resources: Resources, catalog: Catalog)
     return prefix + (response.choices[0].message.content or "")
 
 
-def _answer_as_teacher(request: RoomRequest, resources: Resources, catalog: Catalog) -> str:
+def _answer_as_teacher(
+    request: RoomRequest, resources: Resources, catalog: Catalog, *, room_lines: RoomLines = "full"
+) -> str:
     """The inline call with the solver's answer as the given reply: after the default prefix ``final_choice:``
     the reply is `` Lyra``, so prefix + reply reads ``final_choice: Lyra``, as the student should write it."""
-    messages, prefix, extra_body = _inline_request(request, resources, catalog)
+    messages, prefix, extra_body = _inline_request(request, resources, catalog, room_lines)
     room = solve(request, catalog)
     answer = f"final_choice: {room}"
     reply = answer[len(prefix):] if answer.startswith(prefix) else f" {room}"
@@ -214,17 +244,23 @@ def record_grade(answer_text: str, expected: str, catalog: Catalog) -> float:
     return result.reward
 
 
-def make_agent(mode: str, catalog: Catalog | None = None, max_turns: int = DEFAULT_MAX_TURNS) -> Agent:
-    """The agent of ``mode`` (``tool``, ``inline``, ``teacher`` or ``solver``) answering against ``catalog`` (the
-    reference catalog when ``None``); ``max_turns`` bounds the chat calls of the tool agent."""
+def make_agent(
+    mode: str, catalog: Catalog | None = None, max_turns: int = DEFAULT_MAX_TURNS, room_lines: RoomLines = "full"
+) -> Agent:
+    """The agent of ``mode`` (see :data:`AGENT_MODES`) answering against ``catalog`` (the reference catalog when
+    ``None``); ``max_turns`` bounds the chat calls of the tool agents, ``room_lines`` is how the inline prompt
+    writes the rooms (``full`` or ``brief``)."""
     if mode not in AGENT_MODES:
         raise ValueError(f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}")
     if max_turns < 1:
         raise ValueError(f"max_turns must be at least 1, got {max_turns}")
+    if room_lines not in ROOM_LINES:
+        raise ValueError(f"room_lines must be one of {list(ROOM_LINES)}, got {room_lines!r}")
     answerers: dict[str, Answerer] = {
         "tool": functools.partial(_answer_with_tools, max_turns=max_turns),
-        "inline": _answer_inline,
-        "teacher": _answer_as_teacher,
+        "inline": functools.partial(_answer_inline, room_lines=room_lines),
+        "teacher": functools.partial(_answer_as_teacher, room_lines=room_lines),
+        "tool_teacher": functools.partial(_answer_with_tools, max_turns=max_turns, teacher=True),
         "solver": _answer_with_solver,
     }
     answer = answerers[mode]
@@ -241,4 +277,5 @@ def make_agent(mode: str, catalog: Catalog | None = None, max_turns: int = DEFAU
 room_selector_tool = make_agent("tool")
 room_selector_inline = make_agent("inline")
 room_selector_teacher = make_agent("teacher")
+room_selector_tool_teacher = make_agent("tool_teacher")
 room_selector_solver = make_agent("solver")

@@ -11,8 +11,13 @@ Two modes:
   greedy answers on the 12 public validation tasks name a room (Orion, the first listed, every time: reading
   the checks is what training has to teach it).
 
+How the inline ``{rooms}`` are written is the environment's ``room_lines`` option: ``full`` (the default: every
+check spelled out, ~40 tokens a room, ~570 prompt tokens) or ``brief`` (a verdict, the failed checks or the
+tie-break values, ~12 tokens a room). The same facts either way; ``brief`` is what lets a warm start on two CPU
+cores see enough demonstrations in minutes (``make demo``).
+
 The ``teacher`` mode (demonstrations for the warm start) sends exactly the ``inline`` agent's request, so its
-templates are the inline ones.
+templates are the inline ones; ``tool_teacher`` sends the ``tool`` agent's, so its templates are the tool ones.
 
 Templates are :class:`~rltrain.types.PromptTemplate` resources, so APO can rewrite them; the agent fills
 them with :func:`prompt_values`, which offers every name a template of that mode may use.
@@ -20,10 +25,15 @@ them with :func:`prompt_values`, which offers every name a template of that mode
 
 from __future__ import annotations
 
+from typing import Literal
+
 from rltrain.envs.room_selection.catalog import Catalog
 from rltrain.envs.room_selection.solver import RoomCheck, check_rooms
 from rltrain.envs.room_selection.tasks import RoomRequest
 from rltrain.types import PromptTemplate
+
+RoomLines = Literal["full", "brief"]
+ROOM_LINES: tuple[RoomLines, ...] = ("full", "brief")
 
 REQUEST_FIELDS = ["date", "time", "duration_min", "attendees", "needs", "accessible_required"]
 
@@ -77,6 +87,7 @@ DEFAULT_PROMPTS: dict[str, dict[str, PromptTemplate]] = {
     "tool": TOOL_PROMPTS,
     "inline": INLINE_PROMPTS,
     "teacher": INLINE_PROMPTS,
+    "tool_teacher": TOOL_PROMPTS,
 }
 
 
@@ -118,10 +129,29 @@ def describe_check(check: RoomCheck, attendees: int) -> str:
     )
 
 
-def prompt_values(mode: str, request: RoomRequest, catalog: Catalog) -> dict[str, str]:
+def describe_check_brief(check: RoomCheck) -> str:
+    """One room in a few tokens: ``FAILS`` and the checks it fails, or ``PASSES`` and its tie-break values."""
+    room = check.room
+    if not check.passes:
+        failed = [
+            *(["busy"] if not check.free else []),
+            *(["too small"] if not check.capacity_ok else []),
+            *([f"no {', '.join(check.missing_needs)}"] if check.missing_needs else []),
+            *(["not accessible"] if not check.accessible_ok else []),
+        ]
+        return f"- {room.id}: FAILS ({'; '.join(failed)})"
+    return (
+        f"- {room.id}: PASSES (slack {check.capacity_slack}, extra {check.extra_equipment}, "
+        f"{room.distance_m} m, {check.bookings_that_day} bookings)"
+    )
+
+
+def prompt_values(
+    mode: str, request: RoomRequest, catalog: Catalog, room_lines: RoomLines = "full"
+) -> dict[str, str]:
     """Every value a template of ``mode`` may use: the request's fields, the request as a sentence, and in
-    ``inline`` mode the rooms' checks and the list of possible answers (never in ``tool`` mode, where
-    finding the rooms is the model's job)."""
+    ``inline`` mode the rooms' checks (written as ``room_lines`` says) and the list of possible answers (never
+    in ``tool`` mode, where finding the rooms is the model's job)."""
     values = {
         "date": request.date,
         "time": request.time,
@@ -133,6 +163,9 @@ def prompt_values(mode: str, request: RoomRequest, catalog: Catalog) -> dict[str
     }
     if mode == "inline":
         checks = check_rooms(request, catalog)
-        values["rooms"] = "\n".join(describe_check(check, request.attendees) for check in checks)
+        values["rooms"] = "\n".join(
+            describe_check(check, request.attendees) if room_lines == "full" else describe_check_brief(check)
+            for check in checks
+        )
         values["answers"] = ", ".join(catalog.answer_space())
     return values
