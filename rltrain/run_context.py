@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rltrain.agent import Agent, resolve_agent
 from rltrain.envs.base import Environment
@@ -45,10 +46,11 @@ class RunContext:
         """The agent of ``mode`` (the recipe's agent mode by default)."""
         return self.env.agent(mode or self.recipe.env.mode)
 
-    def teacher(self) -> Agent:
-        """The warm start's teacher: ``warm_start.teacher`` (any ``@rollout`` function) when set, else the
-        environment's agent of mode ``teacher_mode``."""
-        config = self.recipe.warm_start or self.recipe.algorithm
+    def teacher(self, config: Any = None) -> Agent:
+        """The warm start's teacher: ``config.teacher`` (any ``@rollout`` function) when set, else the
+        environment's agent of mode ``config.teacher_mode``. ``config``: the warm start being run (the recipe's
+        ``warm_start:``, or its SFT ``algorithm:``, when not given)."""
+        config = config or self.recipe.warm_start or self.recipe.algorithm
         reference = getattr(config, "teacher", None)
         if reference:
             return resolve_agent(reference)

@@ -69,10 +69,10 @@ def test_tool_teacher_demonstrations_are_one_row_per_rollout_with_tool_results_m
     config = WarmStartConfig(teacher_mode="tool_teacher", batch_size=3, max_steps=1, max_length=2048)
     try:
         with ServingStack(trainer.recipe, trainer.store, model=model, tokenizer=tokenizer) as stack:
-            rows, metrics = collect_demonstrations(trainer, stack, config)
+            rows, metrics = collect_demonstrations(trainer.run, stack, config)
         rollouts = trainer.store.list_rollouts(mode="warm_start")
         assert len(rollouts) == 3 == len(rows) == metrics["warm_start/teacher/rows"]
-        catalog = trainer.env.catalog
+        catalog = trainer.run.env.catalog
         for rollout_, row in zip(rollouts, rows, strict=True):
             spans = trainer.store.get_spans(rollout_.rollout_id)
             call, answer = llm_records(spans)
@@ -114,7 +114,7 @@ def test_tool_demonstrations_that_max_tokens_would_cut_are_refused(tmp_path: Pat
     try:
         with ServingStack(trainer.recipe, trainer.store, model=model, tokenizer=tokenizer) as stack, \
                 pytest.raises(WarmStartError, match=r"sampling\.eval\.max_tokens=12 .* at least \d\d"):
-            collect_demonstrations(trainer, stack, WarmStartConfig(teacher_mode="tool_teacher"))
+            collect_demonstrations(trainer.run, stack, WarmStartConfig(teacher_mode="tool_teacher"))
     finally:
         trainer.close()
 
@@ -171,12 +171,12 @@ def two_turn_trainer(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.M
 def sample_step(trainer: Trainer, model: Any, tokenizer: Any, max_completion_length: int) -> Any:
     """One step's rollouts of 2 tasks x 4 through the real gateway and runner, as GRPO's rollout_func runs them."""
     section = GRPOSection(tasks_per_step=2, num_generations=4, max_completion_length=max_completion_length)
-    tasks = trainer.load_tasks("all")
-    driver = RolloutDriver(agent=two_turn_agent, env=trainer.env, store=trainer.store, tasks=tasks, section=section,
+    tasks = trainer.run.load_tasks("all")
+    driver = RolloutDriver(agent=two_turn_agent, env=trainer.run.env, store=trainer.store, tasks=tasks, section=section,
                            runner_config=RunnerConfig(concurrency=8), metrics=MetricsWriter(trainer.run_dir / "m.jsonl"),
                            progress=False)
     with ServingStack(trainer.recipe, trainer.store, model=model, tokenizer=tokenizer) as stack:
-        driver.bind(stack.url, lambda v: trainer.resources(stack.model_name, trainer.recipe.sampling.train, v),
+        driver.bind(stack.url, lambda v: trainer.run.resources(stack.model_name, trainer.recipe.sampling.train, v),
                     lambda v: None, stack.release)
         return driver.sample([(tasks[0], 4), (tasks[1], 4)], driver.resources_for(0), 0)
 

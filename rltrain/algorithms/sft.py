@@ -98,7 +98,7 @@ def _collect(
     recipe = rl.recipe
     if source == "teacher":  # a teacher gives its replies; sampling does not apply, greedy is the plain choice
         # a teacher agent of your own reads the agent's prompts; an environment's teacher mode its own
-        agent, sampling, per_task = rl.teacher(), recipe.sampling.eval, 1
+        agent, sampling, per_task = rl.teacher(config), recipe.sampling.eval, 1
         mode = recipe.env.mode if config.teacher else config.teacher_mode
     else:
         agent, mode, sampling, per_task = rl.agent(), recipe.env.mode, recipe.sampling.train, config.samples_per_task
