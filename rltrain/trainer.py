@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from rltrain.agent import Agent, register_agent, resolve_agent
+from rltrain.distributed import is_main
 from rltrain.envs import get_env
 from rltrain.envs.agent_env import AgentEnv
 from rltrain.metrics import EvalSummary, MetricsWriter
@@ -101,7 +102,8 @@ class Trainer:
         self.progress = progress
         self.run_dir: Path = recipe.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, self.run_dir / "recipe.yaml")
+        if is_main():  # one writer in a multi-process run (rltrain.distributed)
+            dump_recipe(recipe, self.run_dir / "recipe.yaml")
         self.store: Store = open_store(recipe.store.kind, self.run_dir / "store.sqlite")
         report_to = recipe.algorithm.report_to if recipe.algorithm is not None else []
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", report_to=report_to, run_name=recipe.name)
@@ -172,7 +174,8 @@ class Trainer:
         if self.recipe.agent is None and "agent" not in update:
             raise RecipeError("datasets need your agent: fit/evaluate/dev(agent, dataset), or `agent:` in the recipe")
         self.recipe = self.recipe.model_copy(update=update)
-        dump_recipe(self.recipe, self.run_dir / "recipe.yaml")
+        if is_main():
+            dump_recipe(self.recipe, self.run_dir / "recipe.yaml")
         self._run = None
 
     # -- the public API -------------------------------------------------------------------------------------

@@ -1,0 +1,35 @@
+"""The even-length agent of ``even_length_env.py`` with reproducible sampling, for runs compared across launches.
+
+Each call passes a seed fixed by the task, the policy version and how many calls that pair has made so far in
+this process, so two runs that sample the same tasks in the same order (runner concurrency 1) from the same
+weights sample the same tokens: a one-process and a two-process run of a recipe train on the same rows, and a
+resumed run samples its steps as the interrupted one did.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from openai import OpenAI
+
+from rltrain.agent import rollout
+from rltrain.types import Resources
+
+_calls: Counter[tuple[str, int]] = Counter()
+
+
+@rollout
+def seeded_even_length_agent(task: dict, resources: Resources) -> float:
+    """Rewarded when the reply has an even number of characters."""
+    key = (task["word"], resources.version)
+    seed = 1000 * resources.version + 100 * int(task["word"].removeprefix("word")) + _calls[key]
+    _calls[key] += 1
+    with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
+        reply = client.chat.completions.create(
+            model=resources.llm.model,
+            messages=[{"role": "user", "content": resources.prompts["user"].format(word=task["word"])}],
+            temperature=resources.llm.sampling.temperature,
+            max_tokens=resources.llm.sampling.max_tokens,
+            seed=seed,
+        )
+    return 1.0 if len(reply.choices[0].message.content or "") % 2 == 0 else 0.0
