@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def launch(processes: int, *cli_args: str) -> None:
         command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines",
                    "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                    str(_free_port()), *entry]
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
@@ -110,7 +111,7 @@ def check_two_processes(single: Path, double: Path) -> None:
     assert [r["step"] for r in replicas] == [1, 2]
     assert all(r["dist/replica_max_diff"] == 0.0 and r["dist/world_size"] == 2 for r in replicas)
     assert [r["dist/world_size"] for r in records if r.get("event") == "done"] == [2]
-    assert sorted(p.name for p in (double / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in (double / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert (double / "final" / "adapter_model.safetensors").exists()
     assert (double / "checkpoints" / "checkpoint-2" / "rng_state_1.pth").exists()  # each rank's RNG is kept
     # the same global batch gives the same update
@@ -129,11 +130,13 @@ def test_grpo_on_two_processes_equals_one_and_resumes(tmp_path: Path, tiny_model
     trained = lora(double, 2)
     shutil.rmtree(double / "checkpoints" / "checkpoint-2")
     shutil.rmtree(double / "final")
+    resumed_at = time.time()
     launch(2, "resume", str(double))
-    assert max_weight_diff(trained, lora(double, 2)) < TOLERANCE
-    records = read_metrics(double / "metrics.jsonl")
-    assert [r["step"] for r in records if r.get("event") == "rollouts"] == [0, 1]
-    assert [r["step"] for r in records if r.get("event") == "train" and "loss" in r] == [1, 2]
+    assert max_weight_diff(trained, lora(double, 2)) < TOLERANCE  # the lost step, trained again
+    resumed = [r for r in read_metrics(double / "metrics.jsonl") if r["time"] >= resumed_at]
+    assert [r["step"] for r in resumed if r.get("event") == "rollouts"] == [1]  # one line, not one per rank
+    assert [r["step"] for r in resumed if r.get("event") == "train" and "loss" in r] == [2]
+    assert [r["step"] for r in resumed if r.get("event") == "replicas"] == [2]
 
 
 def test_ppo_on_two_processes_equals_one(tmp_path: Path, tiny_model_dir: Path) -> None:
