@@ -33,3 +33,9 @@ def seeded_even_length_agent(task: dict, resources: Resources) -> float:
             seed=seed,
         )
     return 1.0 if len(reply.choices[0].message.content or "") % 2 == 0 else 0.0
+
+
+@rollout
+def broken_agent(task: dict, resources: Resources) -> float:
+    """Fails every rollout: the main process's sampling stops the run (``runner.max_failed_fraction``)."""
+    raise RuntimeError(f"broken agent on {task['word']}")

@@ -39,8 +39,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(processes: int, *cli_args: str) -> None:
-    """``rltrain <cli_args>`` as ``processes`` training processes (one: a plain process, no launcher)."""
+def launch(processes: int, *cli_args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    """``rltrain <cli_args>`` as ``processes`` training processes (one: a plain process, no launcher); with
+    ``ok`` it must succeed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), "OMP_NUM_THREADS": "1",
            "TRL_EXPERIMENTAL_SILENCE": "1"}
     entry = ["-m", "rltrain.cli", *cli_args, "--no-progress"]
@@ -54,10 +55,13 @@ def launch(processes: int, *cli_args: str) -> None:
                    "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                    str(_free_port()), *entry]
     done = subprocess.run(command, check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    if ok:
+        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
 
 
-def write_recipe(folder: Path, model_dir: Path, name: str, algorithm: str) -> Path:
+def write_recipe(folder: Path, model_dir: Path, name: str, algorithm: str,
+                 agent: str = "seeded_even_length_agent") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tasks.jsonl").write_text("".join(json.dumps({"id": f"w{i}", "word": f"word{i}"}) + "\n"
                                                 for i in range(4)))
@@ -67,7 +71,7 @@ def write_recipe(folder: Path, model_dir: Path, name: str, algorithm: str) -> Pa
     recipe = folder / f"{name}.yaml"
     recipe.write_text(
         f"name: {name}\noutput_dir: {folder / 'runs'}\nseed: 1\n"
-        "agent: seeded_parity_agent:seeded_even_length_agent\n"
+        f"agent: seeded_parity_agent:{agent}\n"
         f"model: {{name: {model_dir}}}\nprompts: {{user: 'Repeat {{word}}.'}}\n"
         "data: {train: tasks.jsonl, val: val.jsonl}\nrunner: {concurrency: 1}\n"
         "sampling: {train: {temperature: 1.0, max_tokens: 6}, eval: {temperature: 0.0, max_tokens: 4}}\n"
@@ -147,3 +151,16 @@ def test_ppo_on_two_processes_equals_one(tmp_path: Path, tiny_model_dir: Path) -
         a = load_file(str(single / "checkpoints" / f"checkpoint-{step}" / critic))
         b = load_file(str(double / "checkpoints" / f"checkpoint-{step}" / critic))
         assert max_weight_diff(a, b) < TOLERANCE  # the critic's gradients are averaged across ranks too
+
+
+def test_when_the_main_process_fails_the_other_stops(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Rank 0 raises while sampling (every rollout failed) as rank 1 waits for its rows: the launch ends with
+    rank 0's error instead of hanging, and nothing past the failure is written."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, "broken", "grpo", agent="broken_agent")
+    done = launch(2, "train", str(recipe), ok=False)
+    assert done.returncode != 0
+    said = " ".join((done.stdout + done.stderr).split())  # rich wraps the logged error
+    assert "step 0:" in said and "rollouts failed or timed out" in said
+    run = tmp_path / "runs" / "broken"
+    assert not list(run.glob("checkpoints/checkpoint-*"))
+    assert [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") in ("train", "done")] == []
