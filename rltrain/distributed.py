@@ -85,13 +85,6 @@ def gather_lists(items: list[T]) -> tuple[list[T], int]:
     return [item for part in parts for item in part], start
 
 
-def barrier() -> None:
-    if _group_ready():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def rank_weight(local_count: float) -> float:
     """The factor that turns this rank's mean over ``local_count`` items into its share of the mean over every
     rank's items, once gradients are averaged across ranks: ``world_size * local / total``."""

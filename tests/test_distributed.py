@@ -109,7 +109,9 @@ def one_and_two(tmp_path: Path, model_dir: Path, algorithm: str) -> tuple[Path, 
 
 def check_two_processes(single: Path, double: Path) -> None:
     records = read_metrics(double / "metrics.jsonl")
-    assert [r["step"] for r in records if r.get("event") == "rollouts"] == [0, 1]  # one line per step, not per rank
+    sampled = [r["step"] for r in records if r.get("event") == "rollouts"]
+    assert len(sampled) == 2 and sampled == [r["step"] for r in read_metrics(single / "metrics.jsonl")
+                                             if r.get("event") == "rollouts"]  # one line per step, not per rank
     assert [r["step"] for r in records if r.get("event") == "train" and "loss" in r] == [1, 2]
     replicas = [r for r in records if r.get("event") == "replicas"]
     assert [r["step"] for r in replicas] == [1, 2]
@@ -138,7 +140,7 @@ def test_grpo_on_two_processes_equals_one_and_resumes(tmp_path: Path, tiny_model
     launch(2, "resume", str(double))
     assert max_weight_diff(trained, lora(double, 2)) < TOLERANCE  # the lost step, trained again
     resumed = [r for r in read_metrics(double / "metrics.jsonl") if r["time"] >= resumed_at]
-    assert [r["step"] for r in resumed if r.get("event") == "rollouts"] == [1]  # one line, not one per rank
+    assert len([r for r in resumed if r.get("event") == "rollouts"]) == 1  # one line, not one per rank
     assert [r["step"] for r in resumed if r.get("event") == "train" and "loss" in r] == [2]
     assert [r["step"] for r in resumed if r.get("event") == "replicas"] == [2]
 
