@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from openai import OpenAI
+from even_length_env import even_length_reward
 
 from rltrain.agent import rollout
 from rltrain.types import Resources
@@ -20,19 +20,11 @@ _calls: Counter[tuple[str, int]] = Counter()
 
 @rollout
 def seeded_even_length_agent(task: dict, resources: Resources) -> float:
-    """Rewarded when the reply has an even number of characters."""
+    """Rewarded when the reply has an even number of characters (see :func:`even_length_reward`)."""
     key = (task["word"], resources.version)
     seed = 1000 * resources.version + 100 * int(task["word"].removeprefix("word")) + _calls[key]
     _calls[key] += 1
-    with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
-        reply = client.chat.completions.create(
-            model=resources.llm.model,
-            messages=[{"role": "user", "content": resources.prompts["user"].format(word=task["word"])}],
-            temperature=resources.llm.sampling.temperature,
-            max_tokens=resources.llm.sampling.max_tokens,
-            seed=seed,
-        )
-    return 1.0 if len(reply.choices[0].message.content or "") % 2 == 0 else 0.0
+    return even_length_reward(task, resources, seed=seed)
 
 
 @rollout
