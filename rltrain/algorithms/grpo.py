@@ -333,7 +333,7 @@ class AgentGRPOTrainer(GRPOTrainer):
 
 class _RunCallback(TrainerCallback):
     """Validation every ``eval_steps`` (best adapter kept), TRL's logs into metrics.jsonl, the plot; in a
-    multi-process run the main process validates (``stack`` is None on the others) and every step logs how far
+    multi-process run the main process validates (the others may have no ``stack``) and every step logs how far
     the replicas of the trainable weights drifted apart (``dist/replica_max_diff``, 0.0 under data parallelism).
     """
 
@@ -350,7 +350,8 @@ class _RunCallback(TrainerCallback):
     def validate(self, step: int, label: str | None = None) -> list[EvalSummary]:
         """Main process: validate, keep ``best/``, plot. Others: the main process's summaries, once it is done."""
         summaries = None
-        if self.stack is not None:
+        if distributed.is_main():
+            assert self.stack is not None
             summaries = self.rl.evaluate(self.rl.eval_sets(), stack=self.stack, label=label or f"val-step{step}",
                                          step=step)
             keep_if_best(self.rl.run_dir, self.model, summaries, step, self.rl.recipe.data.select)
@@ -495,10 +496,12 @@ def train_with_rollouts(
         peft_config=peft_config,
     )
     prompts = rl.prompts()
-    # Only the main process serves and samples (see RolloutDriver.__call__); the others train on its rows.
-    serving = ServingStack(recipe, rl.store, model=trl_trainer.model, tokenizer=tokenizer) if main else None
+    # Only the main process samples (see RolloutDriver.__call__) and validates; the others train on its rows.
+    # With vLLM every rank holds a client of the one server (engine.vllm.url): the weight sync is collective.
+    vllm = recipe.engine.kind == "vllm"
+    serving = ServingStack(recipe, rl.store, model=trl_trainer.model, tokenizer=tokenizer) if main or vllm else None
     with serving or contextlib.nullcontext() as stack:
-        if stack is not None:
+        if main:
             driver.bind(
                 stack.url,
                 lambda version: rl.resources(stack.model_name, recipe.sampling.train, version=version,
@@ -506,6 +509,7 @@ def train_with_rollouts(
                 stack.engine.set_policy_version,
                 stack.release,
             )
+        if stack is not None:
             attach_weight_sync(recipe, stack.engine, trl_trainer)  # vLLM: policy-v{step} before validating a step
         callback = _RunCallback(rl, stack, section, trl_trainer)
         trl_trainer.add_callback(callback)
