@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rltrain.distributed import is_main
 from rltrain.types import Rollout, RolloutStatus, Span, SpanKind
 
 logger = logging.getLogger(__name__)
@@ -96,15 +97,21 @@ def summarise(
 class MetricsWriter:
     """Appends metric records to ``metrics.jsonl`` (durably) and forwards them to ``report_to`` backends.
 
-    Each line carries its wall-clock ``time``, so that reports can say how long each stage of a run took.
+    Each line carries its wall-clock ``time``, so that reports can say how long each stage of a run took. In a
+    multi-process run only the main process writes (one line per event, not one per rank); the others' writes
+    are dropped.
     """
 
     def __init__(self, path: Path, report_to: list[str] | None = None, run_name: str = "run") -> None:
         self.path = path
+        self.enabled = is_main()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._backends = [_make_backend(name, path.parent, run_name) for name in (report_to or [])]
+        self._backends = [_make_backend(name, path.parent, run_name) for name in (report_to or [])
+                          if self.enabled]
 
     def write(self, record: dict[str, Any], step: int | None = None) -> None:
+        if not self.enabled:
+            return
         line = json.dumps({"step": step, "time": round(time.time(), 3), **record}, default=float)
         with self.path.open("a") as fh:
             fh.write(line + "\n")

@@ -21,6 +21,7 @@ from typing import Any, Self
 
 from rltrain.agent import Agent, register_agent, resolve_agent
 from rltrain.algorithms.run_state import finished_run, finished_summaries
+from rltrain.distributed import is_main
 from rltrain.envs import get_env
 from rltrain.envs.agent_env import AgentEnv
 from rltrain.metrics import EvalSummary, MetricsWriter
@@ -102,13 +103,17 @@ class Trainer:
         self.recipe = recipe
         self.progress = progress
         self.run_dir: Path = recipe.run_dir
-        # one process per run directory, taken before anything in it is written (see rltrain.run_lock)
-        self.lock = RunDirLock(self.run_dir).acquire()
+        # one process per run directory, taken before anything in it is written (see rltrain.run_lock); in a
+        # multi-process run the main process holds it for all its ranks and is their one writer (rltrain.distributed)
+        self.lock = RunDirLock(self.run_dir).acquire() if is_main() else None
         try:
-            dump_recipe(recipe, self.run_dir / "recipe.yaml")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if is_main():
+                dump_recipe(recipe, self.run_dir / "recipe.yaml")
             self.store: Store = open_store(recipe.store.kind, self.run_dir / "store.sqlite")
         except BaseException:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
             raise
         report_to = recipe.algorithm.report_to if recipe.algorithm is not None else []
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", report_to=report_to, run_name=recipe.name)
@@ -179,7 +184,8 @@ class Trainer:
         if self.recipe.agent is None and "agent" not in update:
             raise RecipeError("datasets need your agent: fit/evaluate/dev(agent, dataset), or `agent:` in the recipe")
         self.recipe = self.recipe.model_copy(update=update)
-        dump_recipe(self.recipe, self.run_dir / "recipe.yaml")
+        if is_main():
+            dump_recipe(self.recipe, self.run_dir / "recipe.yaml")
         self._run = None
 
     # -- the public API -------------------------------------------------------------------------------------
@@ -245,7 +251,8 @@ class Trainer:
         try:
             self.store.close()
         finally:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
 
     def __enter__(self) -> Self:
         return self

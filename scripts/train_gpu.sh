@@ -9,7 +9,9 @@
 #   VLLM_GPUS=0 TRAIN_GPUS=1,2,3 ACCELERATE_CONFIG=recipes/accelerate/zero2.yaml scripts/train_gpu.sh RECIPE
 #   starts the recipe's vLLM server once on VLLM_GPUS (tensor parallel over them), waits for /health, runs one
 #   trainer process per TRAIN_GPUS entry with `accelerate launch` against it (engine.vllm.url), and stops vLLM
-#   on exit. ZeRO-3 and FSDP configs need engine.vllm.weight_sync=merged.
+#   on exit. ZeRO-3 and FSDP configs need engine.vllm.weight_sync=merged. The trainer processes are rank-aware
+#   (README "Scale out"): the main one samples every step through vLLM and scatters the rows, validates and writes
+#   the run directory; TASKS_PER_STEP x NUM_GENERATIONS must be a multiple of the number of TRAIN_GPUS.
 # Environment: RLTRAIN (default: rltrain), PYTHON (default: python, the one rltrain is installed in),
 #   VLLM_PORT (default 8100), VLLM_MEMORY (default 0.9: vLLM has its GPUs to itself).
 set -euo pipefail

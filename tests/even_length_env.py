@@ -10,17 +10,24 @@ from rltrain.agent import rollout
 from rltrain.types import PromptTemplate, Resources, Span, Task
 
 
-@rollout
-def even_length_agent(task: dict, resources: Resources) -> float:
-    """Rewarded when the reply has an even number of characters."""
+def even_length_reward(task: dict, resources: Resources, seed: int | None = None) -> float:
+    """One call through the gateway; 1.0 when the reply has an even number of characters."""
+    seeded = {} if seed is None else {"seed": seed}
     with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
         reply = client.chat.completions.create(
             model=resources.llm.model,
             messages=[{"role": "user", "content": resources.prompts["user"].format(word=task["word"])}],
             temperature=resources.llm.sampling.temperature,
             max_tokens=resources.llm.sampling.max_tokens,
+            **seeded,
         )
     return 1.0 if len(reply.choices[0].message.content or "") % 2 == 0 else 0.0
+
+
+@rollout
+def even_length_agent(task: dict, resources: Resources) -> float:
+    """Rewarded when the reply has an even number of characters."""
+    return even_length_reward(task, resources)
 
 
 class EvenLengthEnv:

@@ -13,6 +13,7 @@ training that same adapter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -22,10 +23,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
+from rltrain import distributed
 from rltrain.adapters.advantages import answer_distribution, collapse_warning, group_advantages
 from rltrain.adapters.trajectories import TrajectoryAdapter
 from rltrain.agent import Agent
@@ -110,9 +113,20 @@ class RolloutDriver:
         self.on_policy_version = on_policy_version
         self.on_finished = on_finished
 
-    # TRL calls this with the per-process prompts, each task id repeated num_generations times.
+    # TRL calls this on every process with that process's prompts, each task id repeated num_generations times.
     def __call__(self, prompts: list[Any], trainer: GRPOTrainer) -> dict[str, list[Any]]:
-        version = int(trainer.state.global_step)
+        """The main process samples the whole step (every rank's prompts, gathered in rank order, so groups split
+        across ranks stay whole and the serving stack stays one process) and broadcasts the columns; each rank
+        keeps the rows of its own prompts. One process: the same, without the collectives."""
+        everyone, start = distributed.gather_lists([str(p) for p in prompts])
+        columns = self.columns(everyone, int(trainer.state.global_step)) if distributed.is_main() else None
+        columns = distributed.broadcast(columns)
+        assert columns is not None
+        return {key: values[start:start + len(prompts)] for key, values in columns.items()}
+
+    def columns(self, prompts: list[str], version: int) -> dict[str, list[Any]]:
+        """Sample ``prompts`` with the policy of ``version`` and return TRL's columns, one entry per prompt (main
+        process only: it owns the serving stack and the metrics)."""
         self.on_policy_version(version)
         samples = self.sample(self._groups(prompts), self.resources_for(version), version)
         rows = samples.rows
@@ -330,23 +344,40 @@ class AgentGRPOTrainer(GRPOTrainer):
 
 
 class _RunCallback(TrainerCallback):
-    """Validation every ``eval_steps`` (best adapter kept), TRL's logs into metrics.jsonl, the plot."""
+    """Validation every ``eval_steps`` (best adapter kept), TRL's logs into metrics.jsonl, the plot; in a
+    multi-process run the main process validates (the others may have no ``stack``) and every step logs how far
+    the replicas of the trainable weights drifted apart (``dist/replica_max_diff``, 0.0 under data parallelism).
+    """
 
-    def __init__(self, rl: RunContext, stack: ServingStack, section: RLSection, model: Any) -> None:
+    def __init__(self, rl: RunContext, stack: ServingStack | None, section: RLSection, trainer: GRPOTrainer) -> None:
         self.rl = rl
         self.stack = stack
         self.section = section
-        self.model = model
+        self.trainer = trainer
+        self.model = trainer.model
+        # DeepSpeed and FSDP may shard the weights (each rank holds different slices): compare plain DDP replicas
+        self.replicated = distributed.world_size() > 1 and trainer.accelerator.distributed_type in (
+            DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
     def validate(self, step: int, label: str | None = None) -> list[EvalSummary]:
-        summaries = self.rl.evaluate(self.rl.eval_sets(), stack=self.stack, label=label or f"val-step{step}",
-                                     step=step)
-        keep_if_best(self.rl.run_dir, self.model, summaries, step, self.rl.recipe.data.select)
-        plot_run(self.rl.run_dir / "metrics.jsonl", self.rl.run_dir / "plot.png")
-        return summaries
+        """Main process: validate, keep ``best/``, plot. Others: the main process's summaries, once it is done."""
+        summaries = None
+        if distributed.is_main():
+            assert self.stack is not None
+            summaries = self.rl.evaluate(self.rl.eval_sets(), stack=self.stack, label=label or f"val-step{step}",
+                                         step=step)
+            keep_if_best(self.rl.run_dir, self.model, summaries, step, self.rl.recipe.data.select)
+            plot_run(self.rl.run_dir / "metrics.jsonl", self.rl.run_dir / "plot.png")
+        return distributed.broadcast(summaries) or []
 
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.stack.engine.set_policy_version(state.global_step)
+        if self.replicated:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            drift = distributed.replica_divergence(trainable)
+            self.rl.metrics.write({"event": "replicas", "dist/replica_max_diff": drift,
+                                   "dist/world_size": distributed.world_size()}, step=state.global_step)
+        if self.stack is not None:
+            self.stack.engine.set_policy_version(state.global_step)
         if state.global_step % self.section.eval_steps == 0 and state.global_step < state.max_steps:
             self.validate(state.global_step)
 
@@ -356,12 +387,27 @@ class _RunCallback(TrainerCallback):
             self.rl.metrics.write({"event": "train", **logs}, step=state.global_step)
 
 
+def rows_per_process(section: RLSection) -> int:
+    """Each training process's share of a step's ``tasks_per_step x num_generations`` rows: the step is the same
+    global batch whatever the number of processes (TRL's generation batch is per process x processes)."""
+    world = distributed.world_size()
+    if section.rows_per_step % world:
+        raise ValueError(f"algorithm: a step's {section.rows_per_step} rows (tasks_per_step x num_generations) "
+                         f"cannot be split evenly over {world} training processes; make them a multiple of {world}")
+    return section.rows_per_step // world
+
+
 def grpo_config(rl: RunContext, section: RLSection, **fields: Any) -> GRPOConfig:
     """TRL's config from the recipe's shared GRPO/PPO fields; ``fields`` adds the algorithm's own."""
     recipe = rl.recipe
     sampling = recipe.sampling.train
     on_cpu = recipe.model.device == "cpu"
-    micro = section.micro_batch_size or section.rows_per_step
+    per_process = rows_per_process(section)
+    micro = min(section.micro_batch_size or per_process, per_process)
+    if per_process % micro:
+        raise ValueError(f"algorithm.micro_batch_size={micro} must divide each process's share of the step's "
+                         f"rows ({per_process} = {section.rows_per_step} rows over {distributed.world_size()} "
+                         "processes)")
     return GRPOConfig(
         output_dir=str(rl.run_dir / "checkpoints"),
         use_cpu=on_cpu,
@@ -370,7 +416,8 @@ def grpo_config(rl: RunContext, section: RLSection, **fields: Any) -> GRPOConfig
         seed=recipe.seed,
         max_steps=section.max_steps,
         per_device_train_batch_size=micro,
-        gradient_accumulation_steps=section.rows_per_step // micro,
+        gradient_accumulation_steps=per_process // micro,
+        ddp_timeout=distributed.COLLECTIVE_TIMEOUT_S,
         num_generations=section.num_generations,
         learning_rate=section.learning_rate,
         lr_scheduler_type=section.lr_scheduler_type,
@@ -427,6 +474,10 @@ def train_with_rollouts(
     from rltrain.models import load_policy
 
     recipe = rl.recipe
+    main = distributed.is_main()
+    if recipe.warm_start is not None and distributed.world_size() > 1:
+        raise ValueError("warm_start: not supported with several training processes yet; run the warm start in one "
+                         "process (algorithm: sft) and start RL from its adapter (model.adapter)")
     train_spec = recipe.data.train
     if train_spec is None:
         raise ValueError(f"data.train is not set: {section.name.upper()} needs training tasks")
@@ -453,15 +504,22 @@ def train_with_rollouts(
         peft_config=peft_config,
     )
     prompts = rl.prompts()
-    with ServingStack(recipe, rl.store, model=trl_trainer.model, tokenizer=tokenizer) as stack:
-        driver.bind(
-            stack.url,
-            lambda version: rl.resources(stack.model_name, recipe.sampling.train, version=version, prompts=prompts),
-            stack.engine.set_policy_version,
-            stack.release,
-        )
-        attach_weight_sync(recipe, stack.engine, trl_trainer)  # vLLM: policy-v{step} before validating a step
-        callback = _RunCallback(rl, stack, section, trl_trainer.model)
+    # Only the main process samples (see RolloutDriver.__call__) and validates; the others train on its rows.
+    # With vLLM every rank holds a client of the one server (engine.vllm.url): the weight sync is collective.
+    vllm = recipe.engine.kind == "vllm"
+    serving = ServingStack(recipe, rl.store, model=trl_trainer.model, tokenizer=tokenizer) if main or vllm else None
+    with serving or contextlib.nullcontext() as stack:
+        if main:
+            driver.bind(
+                stack.url,
+                lambda version: rl.resources(stack.model_name, recipe.sampling.train, version=version,
+                                             prompts=prompts),
+                stack.engine.set_policy_version,
+                stack.release,
+            )
+        if stack is not None:
+            attach_weight_sync(recipe, stack.engine, trl_trainer)  # vLLM: policy-v{step} before validating a step
+        callback = _RunCallback(rl, stack, section, trl_trainer)
         trl_trainer.add_callback(callback)
         quiet_progress(trl_trainer)  # logs go to metrics.jsonl, not stdout
         if warm is not None and (warm.fresh or not validated(rl.run_dir, "warm_start")):  # now the warm start's adapter
@@ -477,9 +535,13 @@ def train_with_rollouts(
         started = time.perf_counter()
         train_or_restore(trl_trainer, checkpoint, section.max_steps)
         train_s = time.perf_counter() - started
-        trl_trainer.model.save_pretrained(rl.run_dir / "final")
+        if main:
+            trl_trainer.model.save_pretrained(rl.run_dir / "final")
         final = callback.validate(section.max_steps)
-    rl.metrics.write({"event": "done", "train_s": train_s, "peak_rss_mb": peak_rss_mb()}, step=section.max_steps)
+    if not main:
+        return final
+    rl.metrics.write({"event": "done", "train_s": train_s, "peak_rss_mb": peak_rss_mb(),
+                      "dist/world_size": distributed.world_size()}, step=section.max_steps)
     plot_run(rl.run_dir / "metrics.jsonl", rl.run_dir / "plot.png")
     logger.info("final: %s (training %.0f s)", accuracies(final), train_s)
     return chosen_result(rl, final)

@@ -18,8 +18,11 @@ restored on resume. Metrics (``metrics.jsonl``, event ``train``): ``train/value_
 ``train/explained_variance``, ``train/advantage_mean`` / ``_std`` (before whitening), ``train/value_mean``,
 ``train/return_mean``, ``train/critic_grad_norm``, and TRL's ``clip_ratio/region_mean``: the policy's clip fraction.
 
-Scope: one training process. Under data parallelism each process would whiten its own rows and the critic, which
-accelerate does not wrap, would not all-reduce its gradients.
+Several training processes (``accelerate launch``): the main process samples and places the token rewards of
+the whole step, which travel with the rows it broadcasts; GAE and the whitening run over every rank's rows
+(gathered), so each rank's advantages are those a one-process run computes for the same rows; the value loss is
+weighted by each rank's share of the step's tokens, and the critic's gradients (accelerate does not wrap the
+critic) are averaged across ranks before clipping.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import disable_gradient_checkpointing
 
+from rltrain import distributed
 from rltrain.adapters.advantages import ppo_advantages, token_rewards
 from rltrain.algorithms.critic import build_critic, clipped_value_loss
 from rltrain.algorithms.grpo import (
@@ -50,6 +54,10 @@ if TYPE_CHECKING:
     from rltrain.run_context import RunContext
 
 logger = logging.getLogger(__name__)
+
+
+#: the column that carries the token rewards from the main process to every rank (taken off before TRL sees it)
+TOKEN_REWARDS = "token_rewards"
 
 
 class PPODriver(RolloutDriver):
@@ -74,6 +82,17 @@ class PPODriver(RolloutDriver):
         samples = super().sample(groups, resources, version)
         self.place_rewards(samples)
         return samples
+
+    def columns(self, prompts: list[str], version: int) -> dict[str, list[Any]]:
+        """TRL's columns, plus the token rewards, so that they reach every rank with the rows they belong to."""
+        out = super().columns(prompts, version)
+        out[TOKEN_REWARDS] = self.take_token_rewards()
+        return out
+
+    def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
+        out = super().__call__(prompts, trainer)
+        self._token_rewards = out.pop(TOKEN_REWARDS)
+        return out
 
     def place_rewards(self, samples: StepSamples) -> None:
         """Put each row's reward(s) on its tokens (``reward_placement``), to be taken with the batch."""
@@ -130,6 +149,7 @@ class AgentPPOTrainer(AgentGRPOTrainer):
 
     def _clip_grad_norm(self, model: Any) -> Any:
         norm = super()._clip_grad_norm(model)
+        distributed.average_gradients(self.critic.trainable().values())
         critic_norm = torch.nn.utils.clip_grad_norm_(list(self.critic.trainable().values()), self.args.max_grad_norm)
         self._metrics["train"]["train/critic_grad_norm"].append(float(critic_norm))
         return norm
@@ -150,10 +170,14 @@ class AgentPPOTrainer(AgentGRPOTrainer):
         ids, attention, _ = _sequences(batch)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             values = self.critic.values(ids, attention, length) * mask
-        estimate = ppo_advantages(padded, values.tolist(), masks, self.ppo.gamma, self.ppo.lam,
+        # GAE and the whitening over the whole step: every rank's rows (ragged: each rank pads to its own length)
+        step_rows, start = distributed.gather_lists(list(zip(padded, values.tolist(), masks, strict=True)))
+        estimate = ppo_advantages([r for r, _, _ in step_rows], [v for _, v, _ in step_rows],
+                                  [m for _, _, m in step_rows], self.ppo.gamma, self.ppo.lam,
                                   whiten_advantages=self.ppo.whiten_advantages)
-        batch["advantages"] = torch.tensor(estimate.advantages, dtype=torch.float32, device=mask.device)
-        batch["returns"] = torch.tensor(estimate.returns, dtype=torch.float32, device=mask.device)
+        mine = slice(start, start + rows)
+        batch["advantages"] = torch.tensor(estimate.advantages[mine], dtype=torch.float32, device=mask.device)
+        batch["returns"] = torch.tensor(estimate.returns[mine], dtype=torch.float32, device=mask.device)
         batch["old_values"] = values
         mode = "train" if self.model.training else "eval"
         for key, value in estimate.metrics.items():
@@ -166,21 +190,25 @@ class AgentPPOTrainer(AgentGRPOTrainer):
         with self.critic.alongside_policy(ids, attention, length) as values_of:
             policy_loss = super()._compute_loss(model, inputs)
             values = values_of()
+        mask = _loss_mask(inputs)
         value_loss, clipfrac = clipped_value_loss(
-            values, inputs["old_values"], inputs["returns"], _loss_mask(inputs), self.ppo.cliprange_value
+            values, inputs["old_values"], inputs["returns"], mask, self.ppo.cliprange_value
         )
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["train/value_loss"].append(value_loss.item())
         self._metrics[mode]["train/value_clipfrac"].append(clipfrac.item())
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        return policy_loss + self.ppo.vf_coef * value_loss / accumulation
+        # this rank's share of the mean over every rank's tokens, once the gradients are averaged across ranks
+        share = distributed.rank_weight(float(mask.sum())) if mode == "train" else 1.0
+        return policy_loss + self.ppo.vf_coef * share * value_loss / accumulation
 
     # -- checkpoints: the critic's weights next to the adapter -----------------------------------------------
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         # Before TRL's save, which writes trainer_state.json last: a checkpoint that has it has the critic too.
-        self.critic.save(folder)
+        if self.args.should_save:
+            self.critic.save(folder)
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:

@@ -29,6 +29,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rltrain.distributed import is_main
 from rltrain.metrics import EvalSummary
 
 if TYPE_CHECKING:
@@ -206,7 +207,8 @@ def resume_checkpoint(rl: RunContext, lora: Any, max_steps: int) -> str | None:
     nothing)."""
     checkpoint = last_complete_checkpoint(rl.run_dir / "checkpoints")
     check_adapter_shape(rl.run_dir, checkpoint, lora)
-    settle_interrupted(rl, checkpoint, final_label=f"val-step{max_steps}")
+    if is_main():  # the one writer of a multi-process run; the other ranks only read the checkpoint
+        settle_interrupted(rl, checkpoint, final_label=f"val-step{max_steps}")
     return checkpoint
 
 

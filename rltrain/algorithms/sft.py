@@ -29,6 +29,7 @@ from rltrain.adapters.advantages import answer_distribution
 from rltrain.adapters.trajectories import TrajectoryAdapter
 from rltrain.algorithms.progress import quiet_progress
 from rltrain.algorithms.run_state import accuracies, keep_if_best, settle_interrupted
+from rltrain.distributed import world_size
 from rltrain.metrics import EvalSummary, MetricsWriter, peak_rss_mb, plot_run, rewrite_metrics
 from rltrain.recipes import LoraConfig, SFTSection, WarmStartConfig
 from rltrain.runner import Runner
@@ -328,6 +329,9 @@ def train_sft_run(rl: RunContext, resume: bool = False) -> list[EvalSummary]:
     recipe = rl.recipe
     section = recipe.algorithm
     assert isinstance(section, SFTSection)
+    if world_size() > 1:
+        raise ValueError("algorithm: sft runs in one training process (its demonstrations and validation go "
+                         f"through the one serving stack); launched with {world_size()}, drop accelerate launch")
     if resume:
         settle_interrupted(rl, None)
     rl.eval_sets()  # a bad task spec fails here, before the model is loaded
