@@ -136,6 +136,8 @@ def test_grpo_on_two_processes_equals_one_and_resumes(tmp_path: Path, tiny_model
     trained = lora(double, 2)
     shutil.rmtree(double / "checkpoints" / "checkpoint-2")
     shutil.rmtree(double / "final")
+    metrics_file = double / "metrics.jsonl"  # a run cut before its end has no `done` line (else resume does nothing)
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(metrics_file) if r.get("event") != "done"))
     resumed_at = time.time()
     launch(2, "resume", str(double))
     assert max_weight_diff(trained, lora(double, 2)) < TOLERANCE  # the lost step, trained again
@@ -143,6 +145,9 @@ def test_grpo_on_two_processes_equals_one_and_resumes(tmp_path: Path, tiny_model
     assert len([r for r in resumed if r.get("event") == "rollouts"]) == 1  # one line, not one per rank
     assert [r["step"] for r in resumed if r.get("event") == "train" and "loss" in r] == [2]
     assert [r["step"] for r in resumed if r.get("event") == "replicas"] == [2]
+    whole = read_metrics(metrics_file)  # and in the whole file, each step's lines once
+    assert [r["step"] for r in whole if r.get("event") == "rollouts"] == [1, 2]
+    assert [r["step"] for r in whole if r.get("event") == "done"] == [2]
 
 
 def test_ppo_on_two_processes_equals_one(tmp_path: Path, tiny_model_dir: Path) -> None:
