@@ -77,8 +77,9 @@ class FakeVLLM:
         self.gate: threading.Semaphore | None = None
         #: tokens sampled so far, all requests
         self.sampled = 0
-        #: tokens each aborted (streamed, client gone) request had sampled when it stopped
+        #: the count of tokens sampled (``sampled``) when each aborted request (streamed, client gone) stopped
         self.aborted: list[int] = []
+        self._aborts = threading.Condition()
         self._lock = threading.Lock()
         self.app = self._build_app()
 
@@ -122,7 +123,9 @@ class FakeVLLM:
                 finish = "length"
                 for step in range(int(body["max_tokens"])):
                     if not self._take_permit(cancelled):
-                        self.aborted.append(self.sampled)
+                        with self._aborts:
+                            self.aborted.append(self.sampled)
+                            self._aborts.notify_all()
                         return choices
                     logits = self.model(torch.tensor([ids])).logits[0, -1].float()
                     scaled = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
@@ -149,6 +152,11 @@ class FakeVLLM:
                                  "text_offset": [0] * len(out)},
                 })
         return choices
+
+    def wait_aborted(self, count: int, timeout_s: float) -> bool:
+        """Wait until ``count`` requests were aborted; False if they were not within ``timeout_s``."""
+        with self._aborts:
+            return self._aborts.wait_for(lambda: len(self.aborted) >= count, timeout_s)
 
     def check(self, body: dict[str, Any]) -> JSONResponse | None:
         """vLLM's answer to a request it would refuse, and ours to one rltrain must never send."""

@@ -13,7 +13,6 @@ import shlex
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,15 +55,6 @@ def vllm_recipe(tmp_path: Path, model_dir: Path, **vllm: Any) -> Recipe:
 def generate(engine: VLLMEngine, on_token: OnToken | None = None, **fields: Any) -> GenerationResult:
     request = GenerationRequest(**{"prompt_ids": PROMPT, "max_tokens": 5, **fields})
     return asyncio.run(engine.generate(request, on_token=on_token))
-
-
-def _wait_for(condition: Any, what: str) -> None:
-    """Poll ``condition`` (a bound on the wait, not an assertion on time)."""
-    deadline = time.monotonic() + EVENT_LIMIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {EVENT_LIMIT_S} s")
-        time.sleep(0.01)
 
 
 # -- the launch command ---------------------------------------------------------------------------------------
@@ -351,7 +341,7 @@ def test_closing_the_stream_aborts_vllms_request(engine: VLLMEngine, fake: tuple
 
     before = server.sampled
     asyncio.run(hang_up_after_the_first_token())
-    _wait_for(lambda: len(server.aborted) > aborted, "vLLM's abort of the request")
+    assert server.wait_aborted(aborted + 1, EVENT_LIMIT_S), f"vLLM did not abort within {EVENT_LIMIT_S} s"
     assert server.aborted[-1] - before <= 2, "the request stopped at the tokens it had permits for"
     server.gate = None
     assert len(generate(engine, max_tokens=3).completions[0].completion_ids) >= 1  # the server serves on
