@@ -2,11 +2,14 @@
 
 It answers like vLLM (``/health``, ``/v1/models`` with ``max_model_len`` and LoRA cards, ``/v1/completions`` with
 ``token_ids``, ``prompt_token_ids`` and ``logprobs.tokens`` as ``token_id:N``, runtime ``/v1/load_lora_adapter`` /
-``/v1/unload_lora_adapter`` with vLLM's error texts) and checks the request shape rltrain must send: a token-id
-prompt, ``logprobs: 0``, ``return_token_ids``, a known model or loaded adapter name. Generation is real: a
+``/v1/unload_lora_adapter`` with vLLM's error texts), streams like vLLM 0.32 when asked (``stream: true``: one
+server-sent chunk per sampled token carrying the choice's ``index``, the new ``token_ids`` and their ``logprobs``,
+``prompt_token_ids`` on its first chunk and ``finish_reason`` on its last, then ``data: [DONE]``; a client that
+closes the stream aborts the request) and checks the request shape rltrain must send: a token-id prompt, ``logprobs: 0``, ``return_token_ids``, a known model or loaded adapter name. Generation is real: a
 (tiny) causal LM samples token by token, and adapters are real PEFT adapters loaded from the path given, so an
 adapter changes what is sampled. Logprobs are ``log_softmax(logits / temperature)`` at the sampled token, what
-vLLM returns with ``--logprobs-mode processed_logprobs`` and top_p=1, top_k=0.
+vLLM returns with ``--logprobs-mode processed_logprobs`` and top_p=1, top_k=0. ``gate`` (a semaphore) paces the
+sampling: one token per permit, so a test orders events without clocks.
 
 Two ways to run it: in-process (``FakeVLLM(...).app`` under :class:`rltrain.gateway.server.GatewayServer`), or as
 a program that takes ``vllm serve``'s arguments (``python tests/fake_vllm.py serve MODEL --port P ...``), which
@@ -25,16 +28,18 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 UNSERVABLE = {"lm_head", "embed_tokens"}
+#: the longest a gated token waits for its permit
+GATE_LIMIT_S = 60.0
 
 
 def error(status: int, message: str, kind: str = "BadRequestError") -> JSONResponse:
@@ -68,6 +73,13 @@ class FakeVLLM:
         self.adapters: dict[str, str] = {}
         #: (status, JSON body) answered instead of the next completions instead of sampling
         self.fail_next: list[tuple[int, Any]] = []
+        #: when set, sampling a token takes one permit
+        self.gate: threading.Semaphore | None = None
+        #: tokens sampled so far, all requests
+        self.sampled = 0
+        #: the count of tokens sampled (``sampled``) when each aborted request (streamed, client gone) stopped
+        self.aborted: list[int] = []
+        self._aborts = threading.Condition()
         self._lock = threading.Lock()
         self.app = self._build_app()
 
@@ -81,8 +93,21 @@ class FakeVLLM:
             self.model.set_adapter(name)
             yield
 
-    def sample(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        """``n`` completions of the body's prompt with the named weights (one request at a time)."""
+    def _take_permit(self, cancelled: threading.Event | None) -> bool:
+        """Wait for the gate's permit to sample one more token (at most ``GATE_LIMIT_S``, so that a test that stops
+        releasing cannot hang); False when the request was cancelled meanwhile."""
+        deadline = time.monotonic() + GATE_LIMIT_S
+        while self.gate is not None and not self.gate.acquire(timeout=0.05) and time.monotonic() < deadline:
+            if cancelled is not None and cancelled.is_set():
+                return False
+        return cancelled is None or not cancelled.is_set()
+
+    def sample(
+        self, body: dict[str, Any], on_token: Any = None, cancelled: threading.Event | None = None
+    ) -> list[dict[str, Any]]:
+        """``n`` completions of the body's prompt with the named weights (one request at a time). Each token goes
+        to ``on_token(index, token, logprob, finish_reason or None)`` as it is sampled; sampling stops when
+        ``cancelled`` is set."""
         temperature = float(body["temperature"])
         stop = set(body.get("stop_token_ids") or []) | {self.eos}
         seed = body.get("seed")
@@ -96,7 +121,12 @@ class FakeVLLM:
                 out: list[int] = []
                 logprobs: list[float] = []
                 finish = "length"
-                for _ in range(int(body["max_tokens"])):
+                for step in range(int(body["max_tokens"])):
+                    if not self._take_permit(cancelled):
+                        with self._aborts:
+                            self.aborted.append(self.sampled)
+                            self._aborts.notify_all()
+                        return choices
                     logits = self.model(torch.tensor([ids])).logits[0, -1].float()
                     scaled = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
                     if temperature == 0:
@@ -106,6 +136,10 @@ class FakeVLLM:
                     ids.append(token)
                     out.append(token)
                     logprobs.append(float(scaled[token]))
+                    self.sampled += 1
+                    ends = "stop" if token in stop else "length" if step == int(body["max_tokens"]) - 1 else None
+                    if on_token is not None:
+                        on_token(index, token, logprobs[-1], ends)
                     if token in stop:
                         finish = "stop"
                         break
@@ -118,6 +152,11 @@ class FakeVLLM:
                                  "text_offset": [0] * len(out)},
                 })
         return choices
+
+    def wait_aborted(self, count: int, timeout_s: float) -> bool:
+        """Wait until ``count`` requests were aborted; False if they were not within ``timeout_s``."""
+        with self._aborts:
+            return self._aborts.wait_for(lambda: len(self.aborted) >= count, timeout_s)
 
     def check(self, body: dict[str, Any]) -> JSONResponse | None:
         """vLLM's answer to a request it would refuse, and ours to one rltrain must never send."""
@@ -137,6 +176,37 @@ class FakeVLLM:
                               f"requested {requested} tokens ({len(prompt)} in the messages, "
                               f"{body.get('max_tokens')} in the completion).")
         return None
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[str]:
+        """vLLM's streamed completion: a chunk per token as it is sampled; closing the stream aborts sampling."""
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        cancelled = threading.Event()
+        started: set[int] = set()
+        request_id, created = f"cmpl-{len(self.requests)}", int(time.time())
+
+        def on_token(index: int, token: int, logprob: float, finish: str | None) -> None:
+            choice = {
+                "index": index, "text": "",
+                "logprobs": {"text_offset": [0], "token_logprobs": [logprob], "tokens": [f"token_id:{token}"],
+                             "top_logprobs": [{f"token_id:{token}": logprob}]},
+                "finish_reason": finish, "stop_reason": token if finish == "stop" and token != self.eos else None,
+                "prompt_token_ids": None if index in started else list(body["prompt"]), "token_ids": [token],
+            }
+            started.add(index)
+            chunk = {"id": request_id, "object": "text_completion", "created": created, "model": body["model"],
+                     "choices": [choice]}
+            loop.call_soon_threadsafe(chunks.put_nowait, f"data: {json.dumps(chunk)}\n\n")
+
+        work = asyncio.ensure_future(asyncio.to_thread(self.sample, body, on_token, cancelled))
+        work.add_done_callback(lambda _: chunks.put_nowait(None))
+        try:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+            work.result()
+            yield "data: [DONE]\n\n"
+        finally:
+            cancelled.set()  # the client went away (or the stream ended): stop sampling
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def load(self, name: str, path: str) -> Response:
@@ -194,10 +264,15 @@ class FakeVLLM:
                 os._exit(1)  # a crash: no answer, the connection drops
             if self.fail_next:
                 status, content = self.fail_next.pop(0)
+                if body.get("stream") and status < 400:  # vLLM's answer to a stream it cannot stream: one chunk
+                    return StreamingResponse(iter([f"data: {json.dumps(content)}\n\n", "data: [DONE]\n\n"]),
+                                             media_type="text/event-stream")
                 return JSONResponse(content, status)
             refused = self.check(body)
             if refused is not None:
                 return refused
+            if body.get("stream"):
+                return StreamingResponse(self.stream(body), media_type="text/event-stream")
             choices = await asyncio.to_thread(self.sample, body)
             return JSONResponse({
                 "id": f"cmpl-{len(self.requests)}", "object": "text_completion", "created": int(time.time()),

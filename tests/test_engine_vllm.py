@@ -12,16 +12,18 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from adapter_sync import make_adapter
 from fake_vllm import FakeVLLM
 
-from rltrain.engines.base import ContextLengthError, EngineError, GenerationRequest, GenerationResult
+from rltrain.engines.base import ContextLengthError, EngineError, GenerationRequest, GenerationResult, OnToken
 from rltrain.engines.vllm import VLLMEngine, VLLMProtocolError, VLLMRequestError
 from rltrain.engines.vllm_server import (
     VLLMServer,
@@ -39,6 +41,8 @@ from rltrain.types import LLMCallRecord, Rollout, SpanKind, Task
 FAKE = Path(__file__).with_name("fake_vllm.py")
 QWEN_RECIPE = Path(__file__).parents[1] / "recipes" / "room_selection_grpo_qwen.yaml"
 PROMPT = [1, 504, 2282, 28, 940, 198]
+#: bounds on waits for an event; the tests never assert on time
+EVENT_LIMIT_S = 60.0
 
 
 def vllm_recipe(tmp_path: Path, model_dir: Path, **vllm: Any) -> Recipe:
@@ -48,8 +52,9 @@ def vllm_recipe(tmp_path: Path, model_dir: Path, **vllm: Any) -> Recipe:
     })
 
 
-def generate(engine: VLLMEngine, **fields: Any) -> GenerationResult:
-    return asyncio.run(engine.generate(GenerationRequest(**{"prompt_ids": PROMPT, "max_tokens": 5, **fields})))
+def generate(engine: VLLMEngine, on_token: OnToken | None = None, **fields: Any) -> GenerationResult:
+    request = GenerationRequest(**{"prompt_ids": PROMPT, "max_tokens": 5, **fields})
+    return asyncio.run(engine.generate(request, on_token=on_token))
 
 
 # -- the launch command ---------------------------------------------------------------------------------------
@@ -149,6 +154,7 @@ def fake(tiny_model_dir: Path) -> Iterator[tuple[FakeVLLM, str]]:
 def engine(fake: tuple[FakeVLLM, str], tmp_path: Path, tiny_model_dir: Path) -> Iterator[VLLMEngine]:
     server, url = fake
     server.fail_next.clear()
+    server.gate = None
     engine = VLLMEngine.from_recipe(vllm_recipe(tmp_path, tiny_model_dir, url=url))
     yield engine
     for version in engine.loaded_versions:  # leave the shared server without this test's adapters
@@ -232,12 +238,16 @@ def _choice(**fields: Any) -> dict[str, Any]:
     (_choice(token_ids=None, logprobs={"tokens": ["a", "b"], "token_logprobs": [-0.5, -1.0]}), "neither token_ids"),
     (_choice(logprobs={"tokens": ["token_id:5", "token_id:6"], "token_logprobs": [-0.5, None]}), "NaN"),
 ])
+@pytest.mark.parametrize("stream", [False, True])
 def test_malformed_answers_are_refused(
-    engine: VLLMEngine, fake: tuple[FakeVLLM, str], choice: dict[str, Any], text: str
+    engine: VLLMEngine, fake: tuple[FakeVLLM, str], choice: dict[str, Any], text: str, stream: bool
 ) -> None:
+    """Streamed, the same answer arrives as one chunk (as vLLM sends a completion it cannot stream)."""
     fake[0].fail_next.append((200, {"choices": [choice]}))
+    reported: list[int] = []
     with pytest.raises(VLLMProtocolError, match=text):
-        generate(engine)
+        generate(engine, on_token=(lambda i, token, lp: reported.append(token)) if stream else None)
+    assert reported == [], "a malformed chunk's tokens are not passed on"
 
 
 def test_aborted_completion_is_an_engine_failure(engine: VLLMEngine, fake: tuple[FakeVLLM, str]) -> None:
@@ -245,6 +255,137 @@ def test_aborted_completion_is_an_engine_failure(engine: VLLMEngine, fake: tuple
     with pytest.raises(EngineError, match="finish_reason='abort'") as raised:
         generate(engine)
     assert not isinstance(raised.value, ValueError)
+
+
+# -- streaming ------------------------------------------------------------------------------------------------
+def test_stream_reports_each_token_before_vllm_samples_the_next(
+    engine: VLLMEngine, fake: tuple[FakeVLLM, str]
+) -> None:
+    """With ``on_token`` the engine asks vLLM for a stream and reports each token as its chunk arrives: the fake
+    samples one token per permit and the callback gives the next permit, so token k is reported after exactly k
+    tokens were sampled, before the completion ends. The result is the non-streamed one, token for token."""
+    server, _ = fake
+    fields = {"temperature": 1.0, "n": 2, "seed": 7, "max_tokens": 12}
+    reported: list[tuple[int, int, float]] = []
+    sampled_at: list[int] = []
+
+    def on_token(index: int, token: int, logprob: float) -> None:
+        reported.append((index, token, logprob))
+        sampled_at.append(server.sampled - before)
+        server.gate.release()  # type: ignore[union-attr]
+
+    server.gate = threading.Semaphore(1)
+    before = server.sampled
+    streamed = generate(engine, on_token=on_token, **fields)
+    assert server.requests[-1]["stream"] is True
+    server.gate = None
+    whole = generate(engine, **fields)
+    assert "stream" not in server.requests[-1]
+    assert streamed.completions == whole.completions  # same ids, logprobs and finish reasons
+    for index, completion in enumerate(streamed.completions):
+        assert [(t, lp) for i, t, lp in reported if i == index] == list(
+            zip(completion.completion_ids, completion.logprobs, strict=True))
+    total = sum(len(c.completion_ids) for c in streamed.completions)
+    assert sampled_at == list(range(1, total + 1)), "each token reported before the next one was sampled"
+
+
+def test_streamed_chat_through_the_gateway_joins_to_the_non_streamed_text(
+    engine: VLLMEngine, fake: tuple[FakeVLLM, str]
+) -> None:
+    """An ``openai``-style ``stream: true`` chat request on the vLLM engine: content chunks leave the gateway while
+    vLLM is still sampling (the fake samples a token per chunk the client reads), and join to the text the same
+    seeded request gets whole."""
+    server, _ = fake
+    max_tokens = 30
+    body = {"model": engine.model_name, "messages": [{"role": "user", "content": "Pick a room."}],
+            "temperature": 1.0, "seed": 11, "max_tokens": max_tokens}
+    with GatewayServer(create_app(engine, MemoryStore())) as gateway:
+        server.gate = threading.Semaphore(2)
+        before = server.sampled
+        pieces: list[str] = []
+        sampled_at_chunk: list[int] = []
+        with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=EVENT_LIMIT_S) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line.removeprefix("data: "))
+                    content = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+                    if content:
+                        pieces.append(content)
+                        sampled_at_chunk.append(server.sampled - before)
+                server.gate.release()
+        server.gate = None
+        whole = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=body, timeout=EVENT_LIMIT_S).json()
+    assert "".join(pieces) == whole["choices"][0]["message"]["content"], "same seed, same text, streamed or not"
+    assert len(pieces) > 1 and sampled_at_chunk == sorted(sampled_at_chunk)
+    assert sampled_at_chunk[0] <= 4 < max_tokens, f"first chunk after {sampled_at_chunk[0]} of {max_tokens} tokens"
+
+
+def test_closing_the_stream_aborts_vllms_request(engine: VLLMEngine, fake: tuple[FakeVLLM, str]) -> None:
+    """The caller is cancelled after the first token (the gateway's client hung up): the engine closes the stream
+    and vLLM stops sampling. The fake samples only while the test gives permits, so without the abort it would
+    wait for permits that never come."""
+    server, _ = fake
+    server.gate = threading.Semaphore(2)
+    aborted = len(server.aborted)
+
+    async def hang_up_after_the_first_token() -> None:
+        first = asyncio.Event()
+        request = GenerationRequest(prompt_ids=PROMPT, max_tokens=1000, temperature=1.0)
+        work = asyncio.ensure_future(engine.generate(request, on_token=lambda i, t, lp: first.set()))
+        await asyncio.wait_for(first.wait(), EVENT_LIMIT_S)
+        work.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await work
+
+    before = server.sampled
+    asyncio.run(hang_up_after_the_first_token())
+    assert server.wait_aborted(aborted + 1, EVENT_LIMIT_S), f"vLLM did not abort within {EVENT_LIMIT_S} s"
+    assert server.aborted[-1] - before <= 2, "the request stopped at the tokens it had permits for"
+    server.gate = None
+    assert len(generate(engine, max_tokens=3).completions[0].completion_ids) >= 1  # the server serves on
+
+
+def test_a_stream_that_breaks_after_tokens_went_out_is_not_retried(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A supervised server dies mid-stream: the tokens already passed on cannot be taken back, so the request
+    fails (a retry would sample different ones), and the server is restarted for the next request."""
+    script = tmp_path / "dies_mid_stream.py"
+    script.write_text(DIES_MID_STREAM.format(fake=str(FAKE.parent)))
+    recipe = vllm_recipe(tmp_path, tiny_model_dir, command=f"{sys.executable} {script}", max_restarts=1)
+    engine = VLLMEngine.from_recipe(recipe)
+    try:
+        assert engine.server is not None
+        reported: list[int] = []
+        with pytest.raises(EngineError, match=r"the stream broke after 2 token\(s\).*not retried"):
+            generate(engine, on_token=lambda i, token, lp: reported.append(token), max_tokens=8)
+        assert len(reported) == 2
+        assert engine.server.restarts == 1
+        # the restarted server (it dies on its first stream again) serves a request that is not streamed
+        assert len(generate(engine, max_tokens=3).completions[0].completion_ids) >= 1
+    finally:
+        engine.close()
+
+
+#: the fake as a program that dies (the process exits) in a stream, once two chunks went out
+DIES_MID_STREAM = """
+import os, sys
+sys.path.insert(0, {fake!r})
+import fake_vllm
+
+stream = fake_vllm.FakeVLLM.stream
+
+async def dying(self, body):
+    sent = 0
+    async for chunk in stream(self, body):
+        if sent == 2:
+            os._exit(1)
+        yield chunk
+        sent += 1
+
+fake_vllm.FakeVLLM.stream = dying
+fake_vllm.main(sys.argv[1:])
+"""
 
 
 def test_ids_come_from_logprob_tokens_on_servers_without_return_token_ids(

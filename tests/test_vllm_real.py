@@ -1,6 +1,6 @@
 """The real vLLM server (the CPU build `make vllm` installs, or a GPU build): started from a recipe, answering
 ``/health``, sampling token ids whose logprobs the trainer's own model reproduces, hot-loading two adapter
-versions in turn, surviving ``kill -9`` mid-request, and a short GRPO run with adapter sync and the
+versions in turn, streaming tokens as it samples them, surviving ``kill -9`` mid-request, and a short GRPO run with adapter sync and the
 importance-sampling correction. Stopping it is checked last.
 
 One server serves the whole module (starting one takes 30-100 s on CPU): the GRPO run connects to it through
@@ -146,6 +146,37 @@ def test_seeded_requests_on_long_prompts_run_together(engine: VLLMEngine) -> Non
     again = asyncio.run(engine.generate(GenerationRequest(prompt_ids=prompts[0], max_tokens=4, temperature=1.0,
                                                           seed=1)))
     assert again.completions[0].completion_ids == results[0].completions[0].completion_ids  # the seed is honoured
+
+
+def _running_requests(engine: VLLMEngine) -> float:
+    """vLLM's ``vllm:num_requests_running`` gauge (set on every engine step, before that step's chunks go out)."""
+    metrics = httpx.get(f"{engine.base_url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+def test_streamed_tokens_arrive_while_vllm_samples_and_equal_the_whole_answer(engine: VLLMEngine) -> None:
+    """With ``on_token`` the engine streams from the real server: the first token reaches the caller while vLLM
+    still runs the request, the tokens come in order, and the result is the seeded non-streamed one."""
+    request = GenerationRequest(prompt_ids=chat_prompt(engine, "Describe a meeting room in detail."),
+                                max_tokens=48, temperature=1.0, n=2, seed=5)
+    reported: list[tuple[int, int, float]] = []
+    running_at_first: list[float] = []
+
+    def on_token(index: int, token: int, logprob: float) -> None:
+        if not reported:
+            running_at_first.append(_running_requests(engine))
+        reported.append((index, token, logprob))
+
+    streamed = asyncio.run(engine.generate(request, on_token=on_token))
+    whole = asyncio.run(engine.generate(request))
+    assert [c.completion_ids for c in streamed.completions] == [c.completion_ids for c in whole.completions]
+    assert [c.finish_reason for c in streamed.completions] == [c.finish_reason for c in whole.completions]
+    for index, completion in enumerate(streamed.completions):
+        assert [t for i, t, _ in reported if i == index] == completion.completion_ids
+        assert [lp for i, _, lp in reported if i == index] == completion.logprobs
+        assert completion.logprobs == pytest.approx(whole.completions[index].logprobs, abs=LOGPROB_TOLERANCE)
+    assert running_at_first[0] >= 1, "the first token arrived after vLLM had finished the request"
 
 
 def test_two_adapter_versions_are_hot_loaded_and_change_the_outputs(

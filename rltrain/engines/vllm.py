@@ -10,6 +10,13 @@ nor server defaults can change the sampled distribution. The response is checked
 matching the logprob entries, the prompt echoed as sent, a known finish reason; anything else is a
 :class:`VLLMProtocolError` rather than a silently wrong training row.
 
+Streaming: a caller that passes ``on_token`` (the gateway's ``stream: true``) gets each token as vLLM samples it.
+The request then asks for ``stream: true``; vLLM's server-sent chunks carry, per choice, the new ``token_ids``
+and their ``logprobs`` (``prompt_token_ids`` on a choice's first chunk, ``finish_reason`` on its last), which are
+reported to ``on_token`` and joined into the same choices a non-streamed answer holds, so the result is checked
+the same way and is the same. Closing the stream (the caller was cancelled) makes vLLM abort the request. Requests
+without ``on_token`` (the runner's) are not streamed: one answer, no per-token events on vLLM's API server.
+
 Policy versions (design decision 4): with adapter sync the trainer saves its LoRA adapter after every optimiser
 step and :meth:`VLLMEngine.load_adapter` hot-loads it as ``policy-v{step}``; :meth:`set_policy_version` makes a
 loaded version the one that requests without an explicit version use (``adapter=None``: the agents' calls), and
@@ -22,12 +29,15 @@ Errors: a 4xx answer is a :class:`VLLMRequestError` (a ``ValueError``: the gatew
 overflow a :class:`~rltrain.engines.base.ContextLengthError`, anything else an
 :class:`~rltrain.engines.base.EngineError` (503). When a request cannot reach a server that rltrain started and
 that process has died, it is restarted (``engine.vllm.max_restarts``), the loaded adapters are loaded again and the
-request is retried once; otherwise the error names the exit status and the end of the server's log.
+request is retried once; otherwise the error names the exit status and the end of the server's log. A stream that
+breaks after tokens were reported is not retried (the caller already holds tokens a retry would not reproduce):
+the server is restarted all the same, and the request fails with an :class:`~rltrain.engines.base.EngineError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -46,6 +56,7 @@ from rltrain.engines.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    OnToken,
 )
 from rltrain.engines.vllm_server import VLLMServer, build_vllm_command, free_port, vllm_environment
 
@@ -91,6 +102,9 @@ class VLLMEngine:
     ``model_name`` is the name clients use (the recipe's ``model.name``); ``tokenizer`` must be the served
     model's. ``adapters=False`` (merged sync) serves every version from the base model name.
     """
+
+    #: ``generate`` takes ``on_token`` (see :func:`rltrain.engines.base.generate`)
+    streams_tokens = True
 
     def __init__(
         self, base_url: str, tokenizer: Any, *, model_name: str, adapters: bool, request_timeout_s: float,
@@ -225,7 +239,8 @@ class VLLMEngine:
                 raise VLLMRequestError(f"{adapter_name(version)} is the version being served; switch first")
 
     # -- generation -------------------------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
+    async def generate(self, request: GenerationRequest, on_token: OnToken | None = None) -> GenerationResult:
+        """Sample ``request.n`` completions; with ``on_token``, streamed: each token is reported as it arrives."""
         if not request.prompt_ids:
             raise VLLMRequestError("prompt_ids is empty; the engine needs at least one token to continue")
         if len(request.prompt_ids) + request.max_tokens > self.max_context:
@@ -234,7 +249,8 @@ class VLLMEngine:
                 f"of {self.max_context} tokens of {self.model_name!r} on vLLM"
             )
         version, target = self._route(request.adapter)
-        data = await self._complete(self._body(request, target))
+        data = await self._complete(self._body(request, target, stream=on_token is not None), on_token,
+                                    request.prompt_ids)
         choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
         if len(choices) != request.n:
             raise VLLMProtocolError(f"asked vLLM for n={request.n} completions, got {len(choices)} choices")
@@ -263,7 +279,7 @@ class VLLMEngine:
             )
 
     @staticmethod
-    def _body(request: GenerationRequest, target: str) -> dict[str, Any]:
+    def _body(request: GenerationRequest, target: str, *, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": target,
             "prompt": list(request.prompt_ids),
@@ -283,25 +299,40 @@ class VLLMEngine:
         }
         if request.seed is not None:
             body["seed"] = request.seed
+        if stream:
+            body["stream"] = True
         return body
 
-    async def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST /v1/completions; a dead server that rltrain started is restarted and the request retried once."""
+    async def _complete(
+        self, body: dict[str, Any], on_token: OnToken | None, prompt_ids: list[int]
+    ) -> dict[str, Any]:
+        """POST /v1/completions (streamed when ``body["stream"]``); a dead server that rltrain started is restarted
+        and the request retried once, unless tokens of this request already went to ``on_token``."""
         url = f"{self.base_url}/v1/completions"
         for attempt in (1, 2):
             generation = self.server.generation if self.server is not None else 0
+            stream = _StreamedChoices(on_token, prompt_ids)
             try:
-                response = await self._async_client().post(url, json=body)
+                async with self._async_client().stream("POST", url, json=body) as response:
+                    if response.status_code >= 400 or not body.get("stream"):
+                        await response.aread()
+                        return _json_or_raise(response, f"POST {url}")
+                    return await stream.read(response, f"POST {url}")
             except httpx.TimeoutException as exc:
                 raise EngineError(
                     f"vLLM at {self.base_url} did not answer within engine.vllm.request_timeout_s="
                     f"{self.request_timeout_s:g} s"
                 ) from exc
             except httpx.TransportError as exc:
+                if stream.reported:
+                    await asyncio.to_thread(self._recover, generation)  # for the next requests
+                    raise EngineError(
+                        f"{self._unreachable(exc)}; the stream broke after {stream.reported} token(s) were sent on, "
+                        "so the request is not retried"
+                    ) from exc
                 if attempt == 1 and await asyncio.to_thread(self._recover, generation):
                     continue
                 raise EngineError(self._unreachable(exc)) from exc
-            return _json_or_raise(response, f"POST {url}")
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _recover(self, generation: int) -> bool:
@@ -381,8 +412,59 @@ class VLLMEngine:
             self.server.stop()
 
 
-def _completion(choice: dict[str, Any], prompt_ids: list[int]) -> Completion:
-    """One vLLM choice as a :class:`Completion`, after checking that it is what was asked for."""
+class _StreamedChoices:
+    """vLLM's streamed completion chunks joined into the choices of a non-streamed answer, each token reported to
+    ``on_token`` as its chunk arrives."""
+
+    def __init__(self, on_token: OnToken | None, prompt_ids: list[int]) -> None:
+        self.on_token = on_token
+        self.prompt_ids = prompt_ids
+        self.choices: dict[int, dict[str, Any]] = {}
+        #: tokens handed to ``on_token`` so far
+        self.reported = 0
+
+    async def read(self, response: httpx.Response, what: str) -> dict[str, Any]:
+        """Read the server-sent events up to ``data: [DONE]``; the answer as a non-streamed one would hold it."""
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators, comments
+            data = line.removeprefix("data:").strip()
+            if data == "[DONE]":
+                return {"choices": list(self.choices.values())}
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise VLLMProtocolError(f"{what}: a streamed chunk that is not JSON: {data[:200]!r}") from None
+            if not isinstance(chunk, dict):
+                raise VLLMProtocolError(f"{what}: expected a JSON object per chunk, got {chunk!r:.200}")
+            if "error" in chunk:  # vLLM failed after the stream began
+                error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+                _raise_for_status(int(error.get("code") or 500), str(error.get("message")), what)
+            for choice in chunk.get("choices") or []:
+                self._add(choice)
+        raise EngineError(f"{what}: vLLM's stream ended without data: [DONE]")
+
+    def _add(self, delta: dict[str, Any]) -> None:
+        index = int(delta.get("index", 0))
+        ended = delta.get("logprobs") is None and not delta.get("token_ids")  # a chunk that only ends the choice
+        ids, values = ([], []) if ended else _tokens_of(delta)
+        choice = self.choices.setdefault(index, {"index": index, "token_ids": [], "logprobs": {"token_logprobs": []}})
+        choice["token_ids"].extend(ids)
+        choice["logprobs"]["token_logprobs"].extend(values)
+        if delta.get("prompt_token_ids") is not None:
+            _check_prompt(delta["prompt_token_ids"], self.prompt_ids)
+            choice["prompt_token_ids"] = delta["prompt_token_ids"]
+        if delta.get("finish_reason") is not None:
+            choice["finish_reason"] = delta["finish_reason"]
+            choice["stop_reason"] = delta.get("stop_reason")
+        if self.on_token is not None:
+            for token, value in zip(ids, values, strict=True):
+                self.on_token(index, token, value)
+                self.reported += 1
+
+
+def _tokens_of(choice: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """The token ids and logprobs of a choice (or of a streamed chunk of one), checked against each other."""
     logprobs = choice.get("logprobs") or {}
     values = logprobs.get("token_logprobs")
     tokens = logprobs.get("tokens")
@@ -403,16 +485,26 @@ def _completion(choice: dict[str, Any], prompt_ids: list[int]) -> Completion:
         raise VLLMProtocolError(f"vLLM returned {len(ids)} token ids but {len(values)} logprobs")
     if any(not isinstance(v, int | float) or math.isnan(v) for v in values):
         raise VLLMProtocolError(f"vLLM returned a missing or NaN logprob among {values[:8]}...")
-    echoed = choice.get("prompt_token_ids")
-    if echoed is not None and list(echoed) != list(prompt_ids):
-        raise VLLMProtocolError(
-            f"vLLM sampled from a prompt of {len(echoed)} tokens, not the {len(prompt_ids)} token ids sent"
-        )
+    return [int(i) for i in ids], [float(v) for v in values]
+
+
+def _completion(choice: dict[str, Any], prompt_ids: list[int]) -> Completion:
+    """One vLLM choice as a :class:`Completion`, after checking that it is what was asked for."""
+    ids, values = _tokens_of(choice)
+    if choice.get("prompt_token_ids") is not None:
+        _check_prompt(choice["prompt_token_ids"], prompt_ids)
     finish = choice.get("finish_reason")
     if finish not in ("stop", "length"):
         raise EngineError(f"vLLM ended a completion with finish_reason={finish!r} (stop_reason "
                           f"{choice.get('stop_reason')!r}); expected 'stop' or 'length'")
-    return Completion(completion_ids=[int(i) for i in ids], logprobs=[float(v) for v in values], finish_reason=finish)
+    return Completion(completion_ids=ids, logprobs=values, finish_reason=finish)
+
+
+def _check_prompt(echoed: list[int], prompt_ids: list[int]) -> None:
+    if list(echoed) != list(prompt_ids):
+        raise VLLMProtocolError(
+            f"vLLM sampled from a prompt of {len(echoed)} tokens, not the {len(prompt_ids)} token ids sent"
+        )
 
 
 def _ids_of(tokens: list[Any]) -> list[int] | None:
@@ -460,14 +552,17 @@ def _is_json_error(response: httpx.Response) -> bool:
 
 
 def _raise_for_error(response: httpx.Response, what: str) -> None:
-    if response.status_code < 400:
-        return
-    message = _error_message(response)
-    if response.status_code < 500:
+    if response.status_code >= 400:
+        _raise_for_status(response.status_code, _error_message(response), what)
+
+
+def _raise_for_status(status: int, message: str, what: str) -> None:
+    """vLLM's error ``status`` and ``message`` as the engine error the gateway maps to 400 or 503."""
+    if status < 500:
         if "context length" in message or "max_model_len" in message:
             raise ContextLengthError(f"vLLM: {message}")
-        raise VLLMRequestError(f"{what}: vLLM answered {response.status_code}: {message}")
-    raise EngineError(f"{what}: vLLM answered {response.status_code}: {message}")
+        raise VLLMRequestError(f"{what}: vLLM answered {status}: {message}")
+    raise EngineError(f"{what}: vLLM answered {status}: {message}")
 
 
 def _wait_for_health(base_url: str, timeout_s: float) -> None:
