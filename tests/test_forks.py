@@ -180,7 +180,7 @@ def test_warm_start_refuses_demonstrations_longer_than_max_tokens(tmp_path: Path
     try:
         with ServingStack(recipe, trainer.store, model=model, tokenizer=tokenizer) as stack, \
                 pytest.raises(WarmStartError, match=r"longer than sampling\.eval\.max_tokens=1 tokens") as caught:
-            collect_demonstrations(trainer, stack, WarmStartConfig())
+            collect_demonstrations(trainer.run, stack, WarmStartConfig())
     finally:
         trainer.close()
     assert "raise sampling.eval.max_tokens to at least" in str(caught.value)
