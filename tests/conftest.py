@@ -81,3 +81,12 @@ def tiny_engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
     engine = TransformersEngine.from_pretrained(str(tiny_model_dir))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
+    """One tiny engine per test module, for the tests that leave it running (loading one per test would dominate
+    the run time); a test that closes an engine builds its own."""
+    engine = TransformersEngine.from_pretrained(str(tiny_model_dir))
+    yield engine
+    engine.close()

@@ -39,13 +39,6 @@ QUESTION = [SYSTEM, {"role": "user", "content": "Weather in Paris?"}]
 SESSIONS_LOGGER = "rltrain.gateway.sessions"
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
-    engine = TransformersEngine.from_pretrained(str(tiny_model_dir))
-    yield engine
-    engine.close()
-
-
 @pytest.fixture
 def store() -> MemoryStore:
     store = MemoryStore()

@@ -112,15 +112,6 @@ def _serve(engine: Any, store: MemoryStore | None, **options: Any) -> Iterator[L
         yield Live(url=server.base_url, engine=engine, service=app.state.service)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
-    """One engine for the tests that leave it running (loading one per test would dominate the run time);
-    the test that closes an engine takes its own ``tiny_engine``."""
-    engine = TransformersEngine.from_pretrained(str(tiny_model_dir))
-    yield engine
-    engine.close()
-
-
 @pytest.fixture
 def live(engine: TransformersEngine, store: MemoryStore) -> Iterator[Live]:
     yield from _serve(engine, store, max_n=4)

@@ -8,7 +8,6 @@ llm span flagged ``teacher`` whose rows the trajectory adapter builds exactly li
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -26,13 +25,6 @@ QUESTION = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "Which room is free?"},
 ]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
-    engine = TransformersEngine.from_pretrained(str(tiny_model_dir))
-    yield engine
-    engine.close()
 
 
 @pytest.fixture
