@@ -125,12 +125,12 @@ class KillingEvenLengthEnv(EvenLengthEnv):
         transformers.Trainer._save_checkpoint = fill_then_save  # type: ignore[method-assign]
 
 
-def fill(path: Path) -> None:
-    """Write zeros to ``path`` until its file system is full."""
+def fill(path: Path) -> OSError:
+    """Write zeros to ``path`` until its file system is full; the error that stopped the writes."""
     with path.open("wb") as out:
         try:
             while True:
                 out.write(b"\0" * 65536)
                 out.flush()
-        except OSError:
-            pass
+        except OSError as exc:
+            return exc

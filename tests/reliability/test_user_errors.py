@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kill_env import fill
 
 from rltrain.cli import main
 from rltrain.envs.room_selection.catalog import reference_catalog_path
@@ -133,19 +134,10 @@ def test_a_run_directory_held_by_another_process_is_refused(tmp_path: Path, capl
     assert main(_solver_eval(tmp_path, "--name", "held", "--limit", "1")) == 0, "free once released"
 
 
-def _fill(path: Path) -> None:
-    with path.open("wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-
 
 def test_a_full_or_read_only_disk_is_one_line(small_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert main(_solver_eval(small_disk, "--limit", "2", "--name", "run")) == 0
-    _fill(small_disk / "filler")
+    assert fill(small_disk / "filler").errno == errno.ENOSPC
     message = _one_line_error(caplog, *_solver_eval(small_disk, "--limit", "2", "--name", "run"))
     assert "No space left on device" in message or "disk is full" in message
     (small_disk / "filler").unlink()
