@@ -458,6 +458,24 @@ def test_tool_reports_each_room_free_or_not(catalog: Catalog) -> None:
     json.dumps(result)  # what the agent sends back as the tool message
 
 
+def test_brief_tool_result_keeps_what_the_checks_read(catalog: Catalog) -> None:
+    """``tool_result: brief`` (an environment option) drops the booking lists but keeps every field the checks
+    and tie-breaks read, with the bookings of the queried day counted; the full result stays the default."""
+    full = execute_tool_call(TOOL_NAME, GOOD_ARGS, catalog)["rooms"]
+    brief = execute_tool_call(TOOL_NAME, GOOD_ARGS, catalog, "brief")["rooms"]
+    assert len(json.dumps(brief)) < len(json.dumps(full)) * 0.7
+    for room, full_room, brief_room in zip(catalog.rooms, full, brief, strict=True):
+        assert "booked" in full_room and "booked" not in brief_room
+        assert brief_room["bookings_that_day"] == room.bookings_on("2025-10-13")
+        assert {k: v for k, v in full_room.items() if k != "booked"} == {
+            k: v for k, v in brief_room.items() if k != "bookings_that_day"
+        }
+    env = get_env("room_selection", tool_result="brief")
+    assert env.tool_result == "brief" and "tool_result='brief'" in repr(env)
+    with pytest.raises(ValueError, match="tool_result must be one of"):
+        get_env("room_selection", tool_result="short")
+
+
 # -- prompts -----------------------------------------------------------------------------------------------
 
 
@@ -593,6 +611,17 @@ def test_tool_agent_survives_bad_calls_and_answers(
         (TOOL_NAME, True),
     ]
     assert env.answer_of(spans) == "Nova"
+
+
+def test_tool_agent_sends_the_brief_tool_result_when_the_env_says_so(scripted: Any, public: list[Task]) -> None:
+    env = get_env("room_selection", tool_result="brief")
+    chat = scripted([{"tool_calls": [_tool_call("c1", TOOL_NAME, GOOD_ARGS)]}, {"content": "final_choice: Nova"}])
+    reward, _ = _run_in_rollout(env.agent("tool"), public[1], _resources("tool", chat.base_url))
+    assert reward == 1.0
+    (tool_message,) = [m for m in chat.requests[-1]["messages"] if m["role"] == "tool"]
+    rooms = json.loads(tool_message["content"])["rooms"]
+    assert [room["id"] for room in rooms] == env.catalog.room_ids
+    assert all("booked" not in room and "bookings_that_day" in room for room in rooms)
 
 
 def test_tool_agent_stops_after_max_turns(scripted: Any, public: list[Task], catalog: Catalog) -> None:

@@ -7,8 +7,9 @@ small models), ``teacher`` (the inline request answered by the solver through th
 the warm start), ``tool_teacher`` (the tool conversation with the tool call and the solver's answer given: tool
 demonstrations), ``solver`` (no model; the reference agent).
 
-Options (``env.options`` in a recipe): ``catalog`` (a catalog file; the packaged seven rooms by default) and
-``room_lines`` (``full`` or ``brief``: how the inline prompt writes each room's checks, see :mod:`.prompts`).
+Options (``env.options`` in a recipe): ``catalog`` (a catalog file; the packaged seven rooms by default),
+``room_lines`` (``full`` or ``brief``: how the inline prompt writes each room's checks, see :mod:`.prompts`) and
+``tool_result`` (``full`` or ``brief``: what the tool returns for each room, see :mod:`.tools`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rltrain.envs.room_selection.prompts import DEFAULT_PROMPTS, ROOM_LINES, Roo
 from rltrain.envs.room_selection.schema import NO_ROOM
 from rltrain.envs.room_selection.solver import check_rooms
 from rltrain.envs.room_selection.tasks import request_of, resolve_tasks
+from rltrain.envs.room_selection.tools import TOOL_RESULTS, ToolResult
 from rltrain.types import PromptTemplate, Span, SpanKind, Task
 
 
@@ -30,13 +32,20 @@ class RoomSelectionEnv:
 
     name = "room_selection"
 
-    def __init__(self, catalog: str | Path = "reference", room_lines: RoomLines = "full") -> None:
+    def __init__(
+        self, catalog: str | Path = "reference", room_lines: RoomLines = "full", tool_result: ToolResult = "full"
+    ) -> None:
         if room_lines not in ROOM_LINES:
             raise ValueError(f"room_selection option room_lines must be one of {list(ROOM_LINES)}, got {room_lines!r}")
+        if tool_result not in TOOL_RESULTS:
+            raise ValueError(
+                f"room_selection option tool_result must be one of {list(TOOL_RESULTS)}, got {tool_result!r}"
+            )
         path = reference_catalog_path() if str(catalog) == "reference" else Path(catalog)
         self.catalog_path = path
         self.catalog: Catalog = load_catalog(path)
         self.room_lines: RoomLines = room_lines
+        self.tool_result: ToolResult = tool_result
         self._agents: dict[str, Agent] = {}
 
     def load_tasks(self, spec: str) -> list[Task]:
@@ -44,7 +53,9 @@ class RoomSelectionEnv:
 
     def agent(self, mode: str) -> Agent:
         if mode not in self._agents:
-            self._agents[mode] = make_agent(mode, self.catalog, room_lines=self.room_lines)
+            self._agents[mode] = make_agent(
+                mode, self.catalog, room_lines=self.room_lines, tool_result=self.tool_result
+            )
         return self._agents[mode]
 
     def reference_agent(self) -> Agent:
@@ -93,7 +104,10 @@ class RoomSelectionEnv:
                 "first feasible room": first_feasible / n}
 
     def __repr__(self) -> str:
-        return f"RoomSelectionEnv(catalog={str(self.catalog_path)!r}, room_lines={self.room_lines!r})"
+        return (
+            f"RoomSelectionEnv(catalog={str(self.catalog_path)!r}, room_lines={self.room_lines!r}, "
+            f"tool_result={self.tool_result!r})"
+        )
 
 
 __all__ = ["RoomSelectionEnv"]

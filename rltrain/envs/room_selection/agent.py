@@ -48,7 +48,13 @@ from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference
 from rltrain.envs.room_selection.prompts import ROOM_LINES, RoomLines, prompt_values
 from rltrain.envs.room_selection.solver import grade, solve
 from rltrain.envs.room_selection.tasks import RoomRequest, request_of
-from rltrain.envs.room_selection.tools import TOOL_DEFINITIONS, TOOL_NAME, execute_tool_call
+from rltrain.envs.room_selection.tools import (
+    TOOL_DEFINITIONS,
+    TOOL_NAME,
+    TOOL_RESULTS,
+    ToolResult,
+    execute_tool_call,
+)
 from rltrain.types import LLMResource, PromptTemplate, Resources, SpanKind
 
 logger = logging.getLogger(__name__)
@@ -117,7 +123,13 @@ def _name_and_arguments(call: Any) -> tuple[str, str]:
 
 
 def _answer_with_tools(
-    request: RoomRequest, resources: Resources, catalog: Catalog, max_turns: int, *, teacher: bool = False
+    request: RoomRequest,
+    resources: Resources,
+    catalog: Catalog,
+    max_turns: int,
+    *,
+    teacher: bool = False,
+    tool_result: ToolResult = "full",
 ) -> str:
     """Chat with tools until the model answers without calling one (or ``max_turns`` calls are spent).
 
@@ -155,7 +167,7 @@ def _answer_with_tools(
                 }
             )
             for call, (name, arguments) in zip(message.tool_calls, calls, strict=True):
-                result = execute_tool_call(name, arguments, catalog)
+                result = execute_tool_call(name, arguments, catalog, tool_result)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
     logger.debug("tool agent used all %d turns without a final answer", max_turns)
     return message.content or ""
@@ -245,22 +257,30 @@ def record_grade(answer_text: str, expected: str, catalog: Catalog) -> float:
 
 
 def make_agent(
-    mode: str, catalog: Catalog | None = None, max_turns: int = DEFAULT_MAX_TURNS, room_lines: RoomLines = "full"
+    mode: str,
+    catalog: Catalog | None = None,
+    max_turns: int = DEFAULT_MAX_TURNS,
+    room_lines: RoomLines = "full",
+    tool_result: ToolResult = "full",
 ) -> Agent:
     """The agent of ``mode`` (see :data:`AGENT_MODES`) answering against ``catalog`` (the reference catalog when
     ``None``); ``max_turns`` bounds the chat calls of the tool agents, ``room_lines`` is how the inline prompt
-    writes the rooms (``full`` or ``brief``)."""
+    writes the rooms (``full`` or ``brief``), ``tool_result`` what the tool returns (``full`` or ``brief``)."""
     if mode not in AGENT_MODES:
         raise ValueError(f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}")
     if max_turns < 1:
         raise ValueError(f"max_turns must be at least 1, got {max_turns}")
     if room_lines not in ROOM_LINES:
         raise ValueError(f"room_lines must be one of {list(ROOM_LINES)}, got {room_lines!r}")
+    if tool_result not in TOOL_RESULTS:
+        raise ValueError(f"tool_result must be one of {list(TOOL_RESULTS)}, got {tool_result!r}")
     answerers: dict[str, Answerer] = {
-        "tool": functools.partial(_answer_with_tools, max_turns=max_turns),
+        "tool": functools.partial(_answer_with_tools, max_turns=max_turns, tool_result=tool_result),
         "inline": functools.partial(_answer_inline, room_lines=room_lines),
         "teacher": functools.partial(_answer_as_teacher, room_lines=room_lines),
-        "tool_teacher": functools.partial(_answer_with_tools, max_turns=max_turns, teacher=True),
+        "tool_teacher": functools.partial(
+            _answer_with_tools, max_turns=max_turns, teacher=True, tool_result=tool_result
+        ),
         "solver": _answer_with_solver,
     }
     answer = answerers[mode]

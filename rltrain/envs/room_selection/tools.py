@@ -8,7 +8,7 @@ small policy writes broken calls all the time, and that must cost it reward, nev
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
@@ -17,6 +17,14 @@ from rltrain.envs.room_selection.catalog import Catalog
 from rltrain.envs.room_selection.schema import Clock, IsoDate, describe_validation_error
 
 TOOL_NAME = "get_rooms_and_availability"
+
+ToolResult = Literal["full", "brief"]
+TOOL_RESULTS: tuple[ToolResult, ...] = ("full", "brief")
+"""What the tool returns for each room: ``full`` is the catalog's record (every booking of every day, as the
+seed's tool does: ~100 tokens a room) plus ``free``; ``brief`` keeps what the checks and tie-breaks read
+(capacity, equipment, accessibility, distance, ``free`` and the number of bookings on the queried day:
+~30 tokens a room). The same decision either way; ``brief`` makes a tool rollout of SmolLM2 about half as
+long, which is what a CPU warm start pays for."""
 
 
 class ToolCallError(ValueError):
@@ -65,14 +73,20 @@ TOOL_DEFINITIONS: list[dict[str, Any]] = [
 """The ``tools=`` argument of the chat call (OpenAI function-calling format)."""
 
 
-def get_rooms_and_availability(catalog: Catalog, query: AvailabilityQuery) -> dict[str, Any]:
-    """Every room with its details and ``free``: whether it is free for the whole queried slot."""
-    return {
-        "rooms": [
-            {**room.model_dump(), "free": room.is_free(query.date, query.time, query.duration_min)}
-            for room in catalog.rooms
-        ]
-    }
+def get_rooms_and_availability(
+    catalog: Catalog, query: AvailabilityQuery, result: ToolResult = "full"
+) -> dict[str, Any]:
+    """Every room with its details and ``free``: whether it is free for the whole queried slot (``result``:
+    see :data:`TOOL_RESULTS`)."""
+    rooms = []
+    for room in catalog.rooms:
+        free = room.is_free(query.date, query.time, query.duration_min)
+        if result == "full":
+            rooms.append({**room.model_dump(), "free": free})
+        else:
+            rooms.append({**room.model_dump(exclude={"booked"}), "free": free,
+                          "bookings_that_day": room.bookings_on(query.date)})
+    return {"rooms": rooms}
 
 
 def parse_tool_call(name: str, arguments: str) -> AvailabilityQuery:
@@ -91,7 +105,9 @@ def parse_tool_call(name: str, arguments: str) -> AvailabilityQuery:
         raise ToolCallError(f"invalid arguments: {describe_validation_error(exc)}") from exc
 
 
-def execute_tool_call(name: str, arguments: str, catalog: Catalog) -> dict[str, Any]:
+def execute_tool_call(
+    name: str, arguments: str, catalog: Catalog, result: ToolResult = "full"
+) -> dict[str, Any]:
     """Run one tool call inside a tool span; a bad call returns ``{"error": ...}`` (recorded as the span's
     error) instead of raising."""
     try:
@@ -102,7 +118,7 @@ def execute_tool_call(name: str, arguments: str, catalog: Catalog) -> dict[str, 
         recorded = {"raw": arguments}
     try:
         with tool_span(name, recorded) as call:
-            call.result = get_rooms_and_availability(catalog, parse_tool_call(name, arguments))
+            call.result = get_rooms_and_availability(catalog, parse_tool_call(name, arguments), result)
     except ToolCallError as exc:
         return {"error": str(exc)}
     return call.result
