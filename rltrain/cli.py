@@ -185,7 +185,8 @@ def _print_summaries(title: str, summaries: list[Any]) -> None:
 
     table = Table(title=title)
     tools = any(s.tool_calls for s in summaries)
-    for column in ("task set", "n", "accuracy", "mean reward", "parseable", "cut", *(("tool calls",) if tools else ()),
+    tool_columns = ("tool calls", "valid calls") if tools else ()
+    for column in ("task set", "n", "accuracy", "mean reward", "parseable", "cut", *tool_columns,
                    "top answers", "tokens", "wall s"):
         table.add_column(column)
     for s in summaries:
@@ -193,7 +194,8 @@ def _print_summaries(title: str, summaries: list[Any]) -> None:
         # cut: replies stopped by max_tokens, of all llm calls (a cut answer may still parse, and be wrong)
         table.add_row(s.task_set, str(s.n), f"{s.accuracy:.3f}", f"{s.mean_reward:.3f}",
                       "-" if s.parseable is None else f"{s.parseable:.0%}", f"{s.cut_replies}/{s.llm_calls}",
-                      *((f"{s.tool_calls}/{s.llm_calls}",) if tools else ()), top,
+                      *((f"{s.tool_calls}/{s.llm_calls}", f"{s.tool_spans - s.tool_errors}/{s.tool_spans}")
+                        if tools else ()), top,
                       str(s.prompt_tokens + s.completion_tokens), f"{s.wall_s:.1f}")
     Console().print(table)
 

@@ -43,8 +43,23 @@ class EvalSummary(BaseModel):
         "before it ends can still parse, so a nonzero count means raise sampling.eval.max_tokens",
     )
     tool_calls: int = Field(default=0, description="llm calls that answered with a tool call")
+    tool_errors: int = Field(
+        default=0, description="tool calls the tool could not execute (unknown tool, bad arguments): recorded as "
+        "the tool span's error; valid calls = tool spans - tool_errors",
+    )
+    tool_spans: int = Field(default=0, description="tool calls executed (one llm call may make several)")
     mean_latency_s: float = 0.0
     wall_s: float = 0.0
+
+    @property
+    def tool_call_rate(self) -> float:
+        """Share of rollouts' llm calls that called a tool (about 1/2 for a call-then-answer agent)."""
+        return self.tool_calls / self.llm_calls if self.llm_calls else 0.0
+
+    @property
+    def valid_call_rate(self) -> float | None:
+        """Share of executed tool calls the tool accepted (None when no tool was called)."""
+        return 1.0 - self.tool_errors / self.tool_spans if self.tool_spans else None
 
 
 def summarise(
@@ -57,10 +72,13 @@ def summarise(
     """Aggregate finished rollouts (and their spans) into an :class:`EvalSummary`."""
     n = len(rollouts)
     rewards = [r.reward if r.status is RolloutStatus.SUCCEEDED and r.reward is not None else 0.0 for r in rollouts]
-    prompt_tokens = completion_tokens = calls = cut = tool_calls = 0
+    prompt_tokens = completion_tokens = calls = cut = tool_calls = tool_spans = tool_errors = 0
     for spans in spans_of.values():
         for span in spans:
-            if span.kind is SpanKind.LLM:
+            if span.kind is SpanKind.TOOL:
+                tool_spans += 1
+                tool_errors += bool(span.attributes.get("error"))
+            elif span.kind is SpanKind.LLM:
                 usage = span.attributes.get("usage", {})
                 prompt_tokens += int(usage.get("prompt_tokens", 0))
                 completion_tokens += int(usage.get("completion_tokens", 0))
@@ -89,6 +107,8 @@ def summarise(
         llm_calls=calls,
         cut_replies=cut,
         tool_calls=tool_calls,
+        tool_spans=tool_spans,
+        tool_errors=tool_errors,
         mean_latency_s=sum(latencies) / len(latencies) if latencies else 0.0,
         wall_s=wall_s,
     )

@@ -20,6 +20,21 @@ def _top_answers(rung: RungResult, k: int = 3) -> str:
     return ", ".join(f"{answer} {share:.0%}" for answer, share in list(dist.items())[:k]) or "-"
 
 
+def _tool_table(ladder: LadderResult, sets: list[str]) -> list[str]:
+    """Per rung and set: the share of llm calls that called the tool and the share of tool calls it accepted
+    (a tool agent that never calls, or calls badly, answers blind)."""
+    lines = ["", "Tool use per set: llm calls that called the tool / tool calls the tool accepted:", "",
+             "| rung | " + " | ".join(f"`{s}`" for s in sets) + " |",
+             "| --- | " + " | ".join("---" for _ in sets) + " |"]
+    for rung in ladder.rungs:
+        cells = []
+        for s in rung.summaries:
+            valid = "-" if s.valid_call_rate is None else f"{s.valid_call_rate:.0%}"
+            cells.append(f"{s.tool_call_rate:.0%} / {valid}")
+        lines.append(f"| {rung.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(ladder: LadderResult) -> str:
     sets = [s.task_set for s in ladder.rungs[0].summaries] if ladder.rungs else []
     lines = [
@@ -43,6 +58,8 @@ def render_markdown(ladder: LadderResult) -> str:
         accs = " | ".join(f"{s.accuracy:.3f}" for s in rung.summaries)
         lines.append(f"| {rung.name} | {accs} | {_top_answers(rung)} | {rung.agent_tokens:,} | "
                      f"{rung.optimiser_tokens:,} | ${rung.cost:.4f} | {rung.wall_s / 60:.1f} min |")
+    if any(s.llm_calls and s.tool_spans for rung in ladder.rungs for s in rung.summaries):
+        lines += _tool_table(ladder, sets)
     if ladder.reference_policies:
         policies = list(next(iter(ladder.reference_policies.values())))
         lines += ["", "Trivial policies on the same sets (no model):", "",

@@ -50,6 +50,9 @@ from rltrain.envs.room_selection.tools import (
     execute_tool_call,
     parse_tool_call,
 )
+from rltrain.escalation import LadderResult, RungResult
+from rltrain.metrics import summarise
+from rltrain.report import render_markdown
 from rltrain.store.memory import MemoryStore
 from rltrain.types import LLMResource, PromptTemplate, Resources, Rollout, SamplingParams, SpanKind, Task
 
@@ -602,6 +605,13 @@ def test_tool_agent_survives_bad_calls_and_answers(
     tool_results = [json.loads(m["content"]) for m in last["messages"] if m["role"] == "tool"]
     assert "unknown tool 'book_room'" in tool_results[0]["error"]
     assert "date: expected a calendar date" in tool_results[1]["error"]
+    # the eval summary's tool columns: 1 of the 3 tool calls was valid; the llm spans are the gateway's (this
+    # scripted endpoint records none), so the calls' count is filled in as the gateway would have recorded it
+    summary = summarise("set", [], {"ro": spans}, {}, 0.0)
+    assert (summary.tool_spans, summary.tool_errors, summary.valid_call_rate) == (3, 2, pytest.approx(1 / 3))
+    summary = summary.model_copy(update={"llm_calls": 3, "tool_calls": 2})
+    rung = RungResult(name="tool", summaries=[summary], agent_tokens=0, wall_s=1.0)
+    assert "| tool | 67% / 33% |" in render_markdown(LadderResult(recipe="r", target=1.0, rungs=[rung]))
     assert {room["id"]: room["free"] for room in tool_results[2]["rooms"]}["Nova"] is True
     assert [m["tool_call_id"] for m in last["messages"] if m["role"] == "tool"] == ["c1", "c2", "c3"]
     tool_spans = [span for span in spans if span.kind == SpanKind.TOOL]
