@@ -8,6 +8,10 @@ STAMP   = $(VENV)/.rltrain-installed
 
 .PHONY: install vllm demo test bench clean
 
+# `make test` on a fresh clone installs both environments; they are independent (two venvs), so they install side
+# by side: mostly downloads and unpacking, which overlap well even on 2 cores.
+MAKEFLAGS += --jobs=2 --output-sync=target
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml

@@ -11,7 +11,9 @@ import argparse
 import errno
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -285,8 +287,6 @@ def _cmd_data_room_selection(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import threading
-
     from rltrain.run_lock import RunDirLock
     from rltrain.serving import ServingStack
     from rltrain.store import open_store
@@ -389,8 +389,17 @@ def _quiet_http_clients(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or record.name.split(".")[0] not in _HTTP_CLIENT_LOGGERS
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, a scheduler's preemption, torchrun stopping its ranks) ends the command like Ctrl-C:
+    as an exception, so every ``finally`` and ``atexit`` runs and the vLLM server this process started is stopped
+    with it. Python's default would end the process on the spot and leave that server running (~4 GB on CPU)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     import warnings
 
     from rich.logging import RichHandler

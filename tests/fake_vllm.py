@@ -16,7 +16,7 @@ a program that takes ``vllm serve``'s arguments (``python tests/fake_vllm.py ser
 ``engine.vllm.command`` points at in the supervision tests. As a program it obeys: ``FAKE_VLLM_FAIL=exit`` (exit 3
 before serving, like a CUDA out-of-memory at load), ``FAKE_VLLM_FAIL=hang`` (never become healthy),
 ``FAKE_VLLM_EXIT_AFTER=N`` (die without answering on completion request N+1), ``FAKE_VLLM_ARGV_FILE=path`` (write
-its argv and the LoRA environment variable there as JSON).
+its argv, its pid and the LoRA environment variable there as JSON).
 """
 
 from __future__ import annotations
@@ -311,6 +311,7 @@ def main(argv: list[str]) -> None:
     if os.environ.get("FAKE_VLLM_ARGV_FILE"):
         Path(os.environ["FAKE_VLLM_ARGV_FILE"]).write_text(json.dumps({
             "argv": argv, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
+            "pid": os.getpid(),
         }))
     failure = os.environ.get("FAKE_VLLM_FAIL")
     if failure == "exit":

@@ -11,8 +11,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def rltrain(*args: str, log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """``rltrain ARGS --no-progress`` in a subprocess; its output goes to ``log``."""
+def rltrain(
+    *args: str, log: Path, extra_env: dict[str, str] | None = None, no_progress: bool = True
+) -> subprocess.Popen[str]:
+    """``rltrain ARGS --no-progress`` in a subprocess (``no_progress=False`` for a command without bars, such as
+    ``serve``); its output goes to ``log``."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
@@ -22,5 +25,6 @@ def rltrain(*args: str, log: Path, extra_env: dict[str, str] | None = None) -> s
     }
     executable = Path(sys.executable).parent / "rltrain"
     with log.open("w") as out:  # the child keeps its own copy of the handle
-        return subprocess.Popen([str(executable), *args, "--no-progress"], stdout=out, stderr=subprocess.STDOUT,
+        command = [str(executable), *args, *(["--no-progress"] if no_progress else [])]
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                 env=env, text=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from safetensors.torch import load_file
 
 from rltrain.algorithms.run_state import last_complete_checkpoint
 from rltrain.engines.transformers import TransformersEngine
+from rltrain.engines.vllm_server import free_port
 from rltrain.metrics import read_metrics
 from rltrain.recipes import parse_recipe
 from rltrain.runner import TrainingAbortedError
@@ -229,3 +232,32 @@ def test_engine_death_mid_training_stops_the_run_with_the_reason(
     checkpoints = tmp_path / "engine-dies" / "checkpoints"
     assert last_complete_checkpoint(checkpoints) == str(checkpoints / "checkpoint-1")
     assert not (checkpoints / "checkpoint-2").exists(), "no step trained on the failed rollouts"
+
+
+def test_sigterm_stops_the_vllm_server_the_command_started(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``kill PID`` of an rltrain command ends it like Ctrl-C: its finally blocks run and the vLLM server it started
+    (here the vLLM-compatible fake, as a program) is stopped with it, not left holding ~4 GB on a CPU machine."""
+    fake = Path(__file__).resolve().parent.parent / "fake_vllm.py"
+    recipe = tmp_path / "serve.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "served", "output_dir": str(tmp_path), "model": {"name": str(tiny_model_dir)},
+        "engine": {"kind": "vllm", "vllm": {"command": f"{sys.executable} {fake}", "startup_timeout_s": 120}},
+    }))
+    launched = tmp_path / "argv.json"
+    log = tmp_path / "serve.log"
+    proc = rltrain("serve", str(recipe), "--port", str(free_port()), log=log,
+                   extra_env={"FAKE_VLLM_ARGV_FILE": str(launched)}, no_progress=False)
+    try:
+        deadline = time.monotonic() + PROCESS_LIMIT_S
+        while "serving" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"rltrain serve did not come up (exit {proc.returncode}):\n{log.read_text()}")
+            time.sleep(0.2)
+        server_pid = json.loads(launched.read_text())["pid"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=PROCESS_LIMIT_S) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(ProcessLookupError):
+        os.kill(server_pid, 0)
