@@ -15,7 +15,12 @@ batch and each GRPO group (one prompt, 16 samples) as one batch. Figures: genera
 issue's: the engine the CPU recipes use by default reaches 0.9x vLLM on both. Also prints which engine
 ``engine.kind: auto`` (the CPU recipes' setting) picks on this machine.
 
-Run: ``.venv/bin/python benchmarks/bench_engines.py [--repeats 2] [--json]``
+``--adapter`` samples a LoRA policy, as GRPO does after its first step: a fresh adapter of the recipe's shape
+(r 16, all linear layers; B initialised non-zero so that it changes the outputs) on both sides, unmerged: the
+embedded engine runs the PEFT model the trainer trains, vLLM runs it as a hot-loaded LoRA adapter (``policy-v0``).
+Raw generate runs the same PEFT model.
+
+Run: ``.venv/bin/python benchmarks/bench_engines.py [--repeats 2] [--adapter] [--json]``
 """
 
 from __future__ import annotations
@@ -80,6 +85,23 @@ def raw_grpo_round(model: Any, tokenizer: Any, recipe: Recipe, tasks: list[Task]
     return len(tasks) * group / (time.perf_counter() - start)
 
 
+def make_adapter(model: Any, recipe: Recipe, folder: Path) -> Any:
+    """``model`` wrapped in a fresh LoRA adapter of ``recipe.algorithm.lora``'s shape, saved in ``folder``; its B
+    matrices are drawn small and non-zero (PEFT starts them at zero, which would sample the base model)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = recipe.algorithm.lora
+    peft_model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 1e-3)
+    peft_model.save_pretrained(folder)
+    return peft_model.eval()
+
+
 def measure(stack: ServingStack, store: MemoryStore, recipe: Recipe, tasks: list[Task]) -> tuple[float, float]:
     """(chat tokens/s, GRPO rollouts/s) through ``stack``'s gateway."""
     wall, generated = through_gateway(stack.url, store, chat_prompts(), CHAT_TOKENS)
@@ -90,18 +112,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--adapter", action="store_true",
+                        help="sample a LoRA policy (unmerged) on every side, as GRPO does after its first step")
     parser.add_argument("--vllm-only", action="store_true",
                         help="measure the vLLM side only (to compare server settings; prints no table)")
     args = parser.parse_args()
     base = load_recipe(LADDER)
     auto_kind = base.engine.kind  # the recipe says auto; reading it decided
-    recipes = {kind: load_recipe(LADDER, [f"engine.kind={kind}", "output_dir=runs/bench_engines"])
+    adapter_dir = Path("runs/bench_engines/adapter").resolve()
+    recipes = {kind: load_recipe(LADDER, [f"engine.kind={kind}", "output_dir=runs/bench_engines",
+                                          *([f"model.adapter={adapter_dir}"] if args.adapter and kind == "vllm"
+                                            else [])])
                for kind in ("transformers", "vllm")}
     env = get_env(base.env.name, **base.env.options)
     tasks = env.load_tasks(base.data.train)[:GRPO_TASKS]
     torch.set_num_threads(base.model.num_threads or torch.get_num_threads())
     log(f"load {os.getloadavg()[0]:.2f}; loading {base.model.name} ...")
     model, tokenizer = load_model_and_tokenizer(base.model.name)
+    if args.adapter:
+        model = make_adapter(model, base, adapter_dir)
+        log(f"sampling a fresh LoRA policy (r {base.algorithm.lora.r}, unmerged), saved in {adapter_dir}")
     figures: dict[str, list[tuple[float, float]]] = {"transformers": [], "vllm": [], "raw": []}
     stores = {kind: MemoryStore() for kind in recipes}
     stacks = {"vllm": ServingStack(recipes["vllm"], stores["vllm"]).start()}
@@ -131,7 +161,7 @@ def main() -> None:
         return
     chat = {kind: median([f[0] for f in values]) for kind, values in figures.items()}
     grpo = {kind: median([f[1] for f in values]) for kind, values in figures.items()}
-    default = f"engine.kind auto -> {auto_kind}"
+    default = f"engine.kind auto -> {auto_kind}" + ("; a LoRA policy (--adapter)" if args.adapter else "")
     rows = []
     for workload, unit, values in (("chat 8x32", "tok/s", chat), ("GRPO round 8x16", "rollouts/s", grpo)):
         rows += [
