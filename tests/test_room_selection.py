@@ -517,7 +517,8 @@ def test_agent_records_grade_and_reward_spans(env: RoomSelectionEnv, public: lis
     assert reward == 1.0
     grade_span = next(span for span in spans if span.name == "grade")
     assert grade_span.kind == SpanKind.LOG
-    assert grade_span.attributes == {"choice": "Nova", "expected": "Nova", "correct": True, "parseable": True}
+    assert grade_span.attributes == {"choice": "Nova", "expected": "Nova", "correct": True, "parseable": True,
+                                     "answer": "Nova"}
     assert [span.attributes["value"] for span in spans if span.kind == SpanKind.REWARD] == [1.0]
     assert env.answer_of(spans) == "Nova"
     assert env.answer_of([span for span in spans if span.name != "grade"]) is None
