@@ -86,6 +86,17 @@ def test_cli_solver_on_generated_tasks_and_other_catalog(tmp_path: Path, capsys:
     assert summary["n"] == 25 and summary["accuracy"] == 1.0
 
 
+def test_cli_solver_scores_one_on_random_catalogs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every task answered against its own catalog: the reference agent gets them all, and the answer distribution
+    counts places in the catalog, not names."""
+    code = main(["eval", "recipes/room_selection_eval.yaml", "--agent", "solver", "--json", "--no-progress",
+                 "--tasks", "generated:n=30,seed=99,catalogs=random", "--set", f"output_dir={tmp_path}"])
+    assert code == 0
+    [summary] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summaries"]
+    assert summary["n"] == 30 and summary["accuracy"] == 1.0 and summary["parseable"] == 1.0
+    assert set(summary["answer_distribution"]) <= {"No Room", *(f"room #{i}" for i in range(1, 12))}
+
+
 def test_cli_bad_inputs_exit_2_with_clear_message(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bad_recipe = tmp_path / "bad.yaml"
     bad_recipe.write_text("runner:\n  concurency: 2\n")

@@ -51,7 +51,7 @@ from pydantic import ValidationError
 from rltrain.agent import Agent, current_context, emit_reward, rollout
 from rltrain.envs.room_selection.catalog import Catalog, CatalogError, load_catalog, reference_catalog_path
 from rltrain.envs.room_selection.prompts import ROOM_LINES, RoomLines, prompt_values
-from rltrain.envs.room_selection.schema import NO_ROOM, describe_validation_error
+from rltrain.envs.room_selection.schema import describe_validation_error
 from rltrain.envs.room_selection.solver import grade, solve
 from rltrain.envs.room_selection.tasks import RoomRequest, request_of
 from rltrain.envs.room_selection.tools import (
