@@ -111,9 +111,10 @@ def request_of(payload: dict[str, Any]) -> RoomRequest:
 def load_tasks(path: str | Path, answers: Collection[str] | None = None) -> list[Task]:
     """Read a JSONL task file, one row a line (blank lines skipped).
 
-    With ``answers`` (a catalog's answer space), every ``expected_choice`` of a row that does not carry or name its
-    own catalog must be one of them (a row carrying its ``catalog`` is checked against that one): a label naming a room that does not exist could never be earned.
-    Errors name the file, the line, the field and the value.
+    With ``answers`` (a catalog's answer space), every ``expected_choice`` of a row that does not carry or name
+    its own catalog must be one of them (a row carrying its ``catalog`` is checked against that one): a label
+    naming a room that does not exist could never be earned. Errors name the file, the line, the field and the
+    value.
     """
     path = Path(path)
     try:
@@ -256,14 +257,14 @@ def _generated_options(spec: str, argument: str) -> GeneratedOptions:
                 raise TaskSpecError(f"task set {spec!r}: {key} must be an integer, got {options[key]!r}") from None
     if "n" not in numbers or not 1 <= numbers["n"] <= MAX_TASKS:
         raise TaskSpecError(f"task set {spec!r}: needs n=<count> with 1 <= count <= {MAX_TASKS}; {_SPEC_HELP}")
-    n = numbers["n"]
-    if "catalogs" not in options:
-        return GeneratedOptions(n=n, seed=numbers.get("seed", 0))
-    value = options["catalogs"]
+    n, seed = numbers["n"], numbers.get("seed", 0)
+    value = options.get("catalogs")
+    if value is None:
+        return GeneratedOptions(n=n, seed=seed)
     count = n if value == "random" else int(value) if value.isdecimal() else 0
     if not 1 <= count <= n:
         raise TaskSpecError(
             f"task set {spec!r}: catalogs must be 'random' (a catalog per task) or a count of catalogs from 1 to "
             f"n={n}, got {value!r}"
         )
-    return GeneratedOptions(n=n, seed=numbers.get("seed", 0), catalogs=count)
+    return GeneratedOptions(n=n, seed=seed, catalogs=count)
