@@ -29,6 +29,7 @@ from rltrain.agent import rollout
 from rltrain.algorithms.grpo import CompletionTooLongError, RolloutDriver
 from rltrain.algorithms.sft import WarmStartError, build_sft_trainer, collect_demonstrations, sft_dataset
 from rltrain.algorithms.shared_prompt import shared_prompt_logps
+from rltrain.envs.room_selection.catalog import Catalog
 from rltrain.envs.room_selection.solver import solve
 from rltrain.envs.room_selection.tasks import request_of
 from rltrain.metrics import MetricsWriter
@@ -101,6 +102,35 @@ def test_tool_teacher_demonstrations_are_one_row_per_rollout_with_tool_results_m
         longest = max(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
         with pytest.raises(WarmStartError, match=rf"longer than max_length={longest - 1} .* at least {longest}$"):
             sft_dataset(rows, longest - 1)  # never cut: the cut would be the answer
+    finally:
+        trainer.close()
+
+
+def test_tool_teacher_on_random_catalogs_gets_each_tasks_own_rooms(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Through the gateway and the real tool: each task's tool result lists its own catalog's rooms, and the
+    solver's answer on that catalog is the reward-1.0 demonstration."""
+    recipe = tool_recipe(tmp_path, tiny_model_dir)
+    recipe = recipe.model_copy(update={
+        "env": recipe.env.model_copy(update={"options": {"tool_result": "brief"}}),
+        "data": recipe.data.model_copy(update={"train": "generated:n=3,seed=5,catalogs=random"}),
+    })
+    trainer = Trainer(recipe, progress=False)
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    config = WarmStartConfig(teacher_mode="tool_teacher", batch_size=3, max_steps=1, max_length=2048)
+    try:
+        with ServingStack(trainer.recipe, trainer.store, model=model, tokenizer=tokenizer) as stack:
+            rows, _ = collect_demonstrations(trainer.run, stack, config)
+        rollouts = trainer.store.list_rollouts(mode="warm_start")
+        assert len(rows) == len(rollouts) == 3
+        rooms_seen = []
+        for rollout_ in rollouts:
+            own = Catalog.model_validate(rollout_.task.payload["catalog"])
+            [tool] = [s for s in trainer.store.get_spans(rollout_.rollout_id) if s.kind is SpanKind.TOOL]
+            assert [room["id"] for room in tool.attributes["result"]["rooms"]] == own.room_ids
+            assert rollout_.reward == 1.0
+            assert rollout_.task.payload["expected_choice"] == solve(request_of(rollout_.task.payload), own)
+            rooms_seen.append(own.room_ids)
+        assert len({tuple(ids) for ids in rooms_seen}) == 3
     finally:
         trainer.close()
 
