@@ -59,7 +59,7 @@ from rltrain.envs.room_selection.tools import (
     parse_tool_call,
 )
 from rltrain.escalation import LadderResult, RungResult
-from rltrain.metrics import summarise
+from rltrain.metrics import EvalSummary, summarise
 from rltrain.report import render_markdown
 from rltrain.store.memory import MemoryStore
 from rltrain.types import LLMResource, PromptTemplate, Resources, Rollout, SamplingParams, SpanKind, Task
@@ -898,3 +898,16 @@ def test_trivial_policies_read_each_tasks_own_catalog(tmp_path: Path, env: RoomS
                             for t in tasks]
     assert env.reference_policies(tasks) == fixed.reference_policies(same_without_catalog)
     assert env.reference_policies(tasks) != env.reference_policies(env.load_tasks("generated:n=40,seed=8"))
+
+
+def test_the_ladder_report_shows_each_sets_top_answers() -> None:
+    """A set of unseen catalogs can collapse (here onto `No Room`) where the first set does not."""
+    summaries = [
+        EvalSummary(task_set="public:val", n=12, accuracy=0.75, mean_reward=0.75,
+                    answer_distribution={"Pulse": 0.42, "No Room": 0.42, "Nova": 0.16}),
+        EvalSummary(task_set="generated:n=100,seed=99,catalogs=random", n=100, accuracy=0.28, mean_reward=0.28,
+                    answer_distribution={"No Room": 0.78, "room #1": 0.17, "room #3": 0.05}),
+    ]
+    rung = RungResult(name="warm start", summaries=summaries, agent_tokens=0, wall_s=1.0)
+    report = render_markdown(LadderResult(recipe="r", target=1.0, rungs=[rung]))
+    assert "| warm start | Pulse 42%, No Room 42%, Nova 16% | No Room 78%, room #1 17%, room #3 5% |" in report
