@@ -112,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Random valid room requests, labelled by the deterministic solver.")
     q.add_argument("--n", type=int, default=100, help="how many tasks (default 100)")
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    q.add_argument("--catalog", help="catalog JSON (default: the reference 7-room catalog)")
+    which = q.add_mutually_exclusive_group()
+    which.add_argument("--catalog", help="catalog JSON (default: the reference 7-room catalog)")
+    which.add_argument("--catalogs", help="`random`: each request on a random catalog of its own, written into its "
+                       "row; or a count K of random catalogs shared round-robin. The rows are the task set "
+                       "`generated:n=N,seed=S,catalogs=...` names")
     q.add_argument("--out", required=True, help="output .jsonl file")
     q.set_defaults(handler=_cmd_data_room_selection)
 
@@ -277,10 +281,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_data_room_selection(args: argparse.Namespace) -> int:
     from rltrain.envs.room_selection.catalog import load_catalog, reference_catalog_path
     from rltrain.envs.room_selection.generator import generate_tasks
-    from rltrain.envs.room_selection.tasks import write_tasks
+    from rltrain.envs.room_selection.tasks import resolve_tasks, write_tasks
 
     catalog = load_catalog(Path(args.catalog) if args.catalog else reference_catalog_path())
-    rows = generate_tasks(catalog, n=args.n, seed=args.seed)
+    if args.catalogs is not None:
+        spec = f"generated:n={args.n},seed={args.seed},catalogs={args.catalogs}"
+        rows = [task.payload for task in resolve_tasks(spec, catalog)]
+    else:
+        rows = generate_tasks(catalog, n=args.n, seed=args.seed)
     write_tasks(Path(args.out), rows)
     logging.getLogger("rltrain").info("wrote %d tasks to %s", len(rows), args.out)
     return 0

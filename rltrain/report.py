@@ -10,14 +10,26 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rltrain.escalation import LadderResult, RungResult
+from rltrain.escalation import LadderResult
+from rltrain.metrics import EvalSummary
 
 logger = logging.getLogger(__name__)
 
 
-def _top_answers(rung: RungResult, k: int = 3) -> str:
-    dist = rung.summaries[0].answer_distribution
+def _top_answers(summary: EvalSummary, k: int = 3) -> str:
+    dist = summary.answer_distribution
     return ", ".join(f"{answer} {share:.0%}" for answer, share in list(dist.items())[:k]) or "-"
+
+
+def _answers_table(ladder: LadderResult, sets: list[str]) -> list[str]:
+    """Per rung and set: the top answers. A set of other requests (or other catalogs, whose answers are places in
+    the catalog, ``room #1`` ...) can collapse onto an answer where the first set does not."""
+    lines = ["", "Top answers per set:", "",
+             "| rung | " + " | ".join(f"`{s}`" for s in sets) + " |",
+             "| --- | " + " | ".join("---" for _ in sets) + " |"]
+    for rung in ladder.rungs:
+        lines.append(f"| {rung.name} | " + " | ".join(_top_answers(s) for s in rung.summaries) + " |")
+    return lines
 
 
 def _tool_table(ladder: LadderResult, sets: list[str]) -> list[str]:
@@ -56,8 +68,10 @@ def render_markdown(ladder: LadderResult) -> str:
     ]
     for rung in ladder.rungs:
         accs = " | ".join(f"{s.accuracy:.3f}" for s in rung.summaries)
-        lines.append(f"| {rung.name} | {accs} | {_top_answers(rung)} | {rung.agent_tokens:,} | "
+        lines.append(f"| {rung.name} | {accs} | {_top_answers(rung.summaries[0])} | {rung.agent_tokens:,} | "
                      f"{rung.optimiser_tokens:,} | ${rung.cost:.4f} | {rung.wall_s / 60:.1f} min |")
+    if len(sets) > 1 and any(s.answer_distribution for rung in ladder.rungs for s in rung.summaries):
+        lines += _answers_table(ladder, sets)
     if any(s.llm_calls and s.tool_spans for rung in ladder.rungs for s in rung.summaries):
         lines += _tool_table(ladder, sets)
     if ladder.reference_policies:

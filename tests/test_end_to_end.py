@@ -86,6 +86,32 @@ def test_cli_solver_on_generated_tasks_and_other_catalog(tmp_path: Path, capsys:
     assert summary["n"] == 25 and summary["accuracy"] == 1.0
 
 
+def test_cli_solver_scores_one_on_random_catalogs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every task answered against its own catalog: the reference agent gets them all, and the answer distribution
+    counts places in the catalog, not names."""
+    code = main(["eval", "recipes/room_selection_eval.yaml", "--agent", "solver", "--json", "--no-progress",
+                 "--tasks", "generated:n=30,seed=99,catalogs=random", "--set", f"output_dir={tmp_path}"])
+    assert code == 0
+    [summary] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summaries"]
+    assert summary["n"] == 30 and summary["accuracy"] == 1.0 and summary["parseable"] == 1.0
+    assert set(summary["answer_distribution"]) <= {"No Room", *(f"room #{i}" for i in range(1, 12))}
+    # the same set written to a file by `rltrain data` and read back: the same rows, the same score
+    tasks_path = tmp_path / "unseen.jsonl"
+    assert main(["data", "room-selection", "--n", "30", "--seed", "99", "--catalogs", "random",
+                 "--out", str(tasks_path)]) == 0
+    rows = [json.loads(line) for line in tasks_path.read_text().splitlines()]
+    assert [row["id"] for row in rows] == [f"g99c-{i}" for i in range(30)] and all("catalog" in row for row in rows)
+    capsys.readouterr()
+    assert main(["eval", "recipes/room_selection_eval.yaml", "--agent", "solver", "--json", "--no-progress",
+                 "--tasks", str(tasks_path), "--set", f"output_dir={tmp_path}"]) == 0
+    [again] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summaries"]
+    assert (again["n"], again["accuracy"], again["answer_distribution"]) == (30, 1.0, summary["answer_distribution"])
+    assert main(["data", "room-selection", "--n", "3", "--catalogs", "foo", "--out", str(tasks_path)]) == 2
+    assert "catalogs must be 'random' (a catalog per task) or a count of catalogs from 1 to n=3, got 'foo'" in caplog.text
+
+
 def test_cli_bad_inputs_exit_2_with_clear_message(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bad_recipe = tmp_path / "bad.yaml"
     bad_recipe.write_text("runner:\n  concurency: 2\n")

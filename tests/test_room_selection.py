@@ -30,11 +30,19 @@ from rltrain.envs.room_selection.catalog import (
     load_catalog,
     reference_catalog_path,
 )
+from rltrain.envs.room_selection.catalog_generator import (
+    MAX_ROOMS,
+    MIN_ROOMS,
+    ROOM_NAMES,
+    generate_catalog,
+    generate_catalogs,
+)
 from rltrain.envs.room_selection.generator import MAX_LABEL_SHARE, generate_tasks
 from rltrain.envs.room_selection.prompts import default_prompts, prompt_values
 from rltrain.envs.room_selection.schema import NO_ROOM, overlaps
 from rltrain.envs.room_selection.solver import check_rooms, feasible_rooms, grade, solve
 from rltrain.envs.room_selection.tasks import (
+    MAX_ROW_BYTES,
     PUBLIC_TASKS_PATH,
     RoomRequest,
     TaskSpecError,
@@ -51,7 +59,7 @@ from rltrain.envs.room_selection.tools import (
     parse_tool_call,
 )
 from rltrain.escalation import LadderResult, RungResult
-from rltrain.metrics import summarise
+from rltrain.metrics import EvalSummary, summarise
 from rltrain.report import render_markdown
 from rltrain.store.memory import MemoryStore
 from rltrain.types import LLMResource, PromptTemplate, Resources, Rollout, SamplingParams, SpanKind, Task
@@ -265,6 +273,15 @@ def test_catalog_file_errors(tmp_path: Path) -> None:
         (json.dumps(_row("t2", note="x")), ["note", "'x'"]),
         (json.dumps(_row("t1")), ["id 't1' already used on line 1"]),
         (json.dumps(_row("t2", expected_choice="Narnia")), ["expected_choice 'Narnia'", "No Room"]),
+        (json.dumps(_row("t2", catalog={"rooms": []})), ["catalog.rooms", "at least 1 item"]),
+        (
+            json.dumps(_row("t2", catalog=generate_catalog("c").model_dump())),
+            ["expected_choice 'Nova' is not an answer of the row's own catalog"],
+        ),
+        (
+            json.dumps(_row("t2", catalog=generate_catalog("c").model_dump(), catalog_path="c.json")),
+            ["'catalog' or 'catalog_path', not both"],
+        ),
     ],
 )
 def test_malformed_task_rows_name_file_line_field_and_value(
@@ -346,6 +363,10 @@ def test_resolve_a_task_file(tmp_path: Path, catalog: Catalog) -> None:
         ("generated:seed=3", "needs n=<count>"),
         ("generated:n=ten", "n must be an integer, got 'ten'"),
         ("generated:n=5,size=3", "unknown option 'size=3'"),
+        ("generated:n=5,catalogs=foo", ("catalogs must be 'random' (a catalog per task) or a count of catalogs "
+                                        "from 1 to n=5, got 'foo'")),
+        ("generated:n=5,catalogs=0", "catalogs must be 'random'"),
+        ("generated:n=5,catalogs=6", "from 1 to n=5, got '6'"),
         ("tasks.csv", "unknown task set 'tasks.csv'"),
         ("absent.jsonl", "cannot read task file absent.jsonl"),
     ],
@@ -517,7 +538,8 @@ def test_agent_records_grade_and_reward_spans(env: RoomSelectionEnv, public: lis
     assert reward == 1.0
     grade_span = next(span for span in spans if span.name == "grade")
     assert grade_span.kind == SpanKind.LOG
-    assert grade_span.attributes == {"choice": "Nova", "expected": "Nova", "correct": True, "parseable": True}
+    assert grade_span.attributes == {"choice": "Nova", "expected": "Nova", "correct": True, "parseable": True,
+                                     "answer": "Nova"}
     assert [span.attributes["value"] for span in spans if span.kind == SpanKind.REWARD] == [1.0]
     assert env.answer_of(spans) == "Nova"
     assert env.answer_of([span for span in spans if span.name != "grade"]) is None
@@ -752,3 +774,140 @@ def test_brief_room_lines_state_the_same_checks_in_fewer_words() -> None:
                 assert f"slack {check.capacity_slack}, extra {check.extra_equipment}" in brief_line
     with pytest.raises(ValueError, match="room_lines must be one of"):
         get_env("room_selection", room_lines="short")
+
+
+# -- random catalogs (generated:...,catalogs=random) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_catalog_tasks(env: RoomSelectionEnv) -> list[Task]:
+    return env.load_tasks("generated:n=60,seed=5,catalogs=random")
+
+
+def _own_catalog(task: Task) -> Catalog:
+    return Catalog.model_validate(task.payload["catalog"])
+
+
+def test_a_generated_catalog_round_trips_through_its_file(tmp_path: Path) -> None:
+    generated = generate_catalog("room-catalog/5/0")
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(generated.model_dump()))
+    assert load_catalog(path) == generated
+    assert generate_catalog("room-catalog/5/0") == generated  # a seed is a catalog
+    assert generate_catalog("room-catalog/5/1") != generated
+
+
+def test_generated_catalogs_draw_their_names_from_a_large_pool() -> None:
+    catalogs = generate_catalogs(3, 200)
+    names = Counter(room.id for catalog in catalogs for room in catalog.rooms)
+    assert len(ROOM_NAMES) >= 400 and set(names) <= set(ROOM_NAMES)
+    assert not {"Orion", "Lyra", "Vega", "Nova", "Quark", "Atlas", "Pulse"} & set(ROOM_NAMES)
+    assert len(names) > 300 and max(names.values()) < 15  # ~1,400 rooms over 400 names: none favoured
+    assert {len(catalog.rooms) for catalog in catalogs} == set(range(MIN_ROOMS, MAX_ROOMS + 1))
+    assert all(catalog.booking_dates for catalog in catalogs)
+
+
+def test_catalog_tasks_carry_their_catalog_and_the_solvers_label(
+    tmp_path: Path, catalog: Catalog, own_catalog_tasks: list[Task]
+) -> None:
+    rows = [task.payload for task in own_catalog_tasks]
+    assert [row["id"] for row in rows] == [f"g5c-{i}" for i in range(60)]
+    assert len({json.dumps(row["catalog"], sort_keys=True) for row in rows}) == 60  # a catalog per task
+    for task in own_catalog_tasks:
+        own = _own_catalog(task)
+        assert solve(request_of(task.payload), own) == task.payload["expected_choice"]
+        assert request_of(task.payload).date in own.booking_dates
+    assert max(len(json.dumps(row)) for row in rows) < MAX_ROW_BYTES // 4
+    kinds = Counter(
+        row["expected_choice"] if row["expected_choice"] == NO_ROOM
+        else Catalog.model_validate(row["catalog"]).room_ids.index(row["expected_choice"]) for row in rows
+    )
+    assert max(kinds.values()) <= (MAX_LABEL_SHARE + 0.02) * 60  # balanced by answer kind, names differ
+    # written and read back, the rows are the same; the reference catalog's answers do not constrain them
+    loaded = load_tasks(write_tasks(tmp_path / "own.jsonl", rows), answers=catalog.answer_space())
+    assert [task.payload for task in loaded] == rows
+
+
+def test_catalogs_k_shares_k_catalogs_round_robin(env: RoomSelectionEnv) -> None:
+    tasks = env.load_tasks("generated:n=9,seed=5,catalogs=3")
+    assert [_own_catalog(t) for t in tasks] == generate_catalogs(5, 3) * 3
+    # catalogs=n is catalogs=random
+    assert [t.payload for t in env.load_tasks("generated:n=9,seed=5,catalogs=9")] == [
+        t.payload for t in env.load_tasks("generated:n=9,seed=5,catalogs=random")
+    ]
+
+
+def test_sets_with_different_seeds_share_no_catalog(env: RoomSelectionEnv) -> None:
+    """The ladders' training (11), selection (7), APO (12) and unseen-catalog (99) sets."""
+    specs = ["generated:n=300,seed=11,catalogs=random", "generated:n=100,seed=7,catalogs=random",
+             "generated:n=40,seed=12,catalogs=random", "generated:n=100,seed=99,catalogs=random"]
+    seen: dict[str, str] = {}
+    for spec in specs:
+        for task in env.load_tasks(spec):
+            key = json.dumps(task.payload["catalog"], sort_keys=True)
+            assert seen.setdefault(key, spec) == spec, f"{spec} repeats a catalog of {seen[key]}"
+    assert len(seen) == 540
+
+
+def test_tool_call_returns_the_tasks_own_catalog(
+    scripted: Any, env: RoomSelectionEnv, own_catalog_tasks: list[Task]
+) -> None:
+    first, second = own_catalog_tasks[:2]
+    for task in (first, second):
+        request, own = request_of(task.payload), _own_catalog(task)
+        args = json.dumps({"date": request.date, "time": request.time, "duration_min": request.duration_min})
+        chat = scripted([{"tool_calls": [_tool_call("c1", TOOL_NAME, args)]},
+                         {"content": f"final_choice: {task.payload['expected_choice']}"}])
+        reward, spans = _run_in_rollout(env.agent("tool"), task, _resources("tool", chat.base_url))
+        assert reward == 1.0
+        result = json.loads(chat.requests[-1]["messages"][-1]["content"])
+        assert [room["id"] for room in result["rooms"]] == own.room_ids
+        assert [room["free"] for room in result["rooms"]] == [c.free for c in check_rooms(request, own)]
+        expected = task.payload["expected_choice"]
+        place = expected if expected == NO_ROOM else f"room #{own.room_ids.index(expected) + 1}"
+        assert env.answer_of(spans) == place
+    assert _own_catalog(first).room_ids != _own_catalog(second).room_ids
+
+
+def test_inline_prompt_lists_the_tasks_own_rooms_and_grades_against_them(
+    scripted: Any, env: RoomSelectionEnv, own_catalog_tasks: list[Task]
+) -> None:
+    task = next(t for t in own_catalog_tasks if t.payload["expected_choice"] != NO_ROOM)
+    own, other = _own_catalog(task), _own_catalog(own_catalog_tasks[0 if task is not own_catalog_tasks[0] else 1])
+    stranger = next(name for name in other.room_ids if name not in own.room_ids)
+    chat = scripted([{"content": f" {task.payload['expected_choice']}"}, {"content": f" {stranger}"}])
+    reward, _ = _run_in_rollout(env.agent("inline"), task, _resources("inline", chat.base_url))
+    assert reward == 1.0
+    user = chat.requests[0]["messages"][1]["content"]
+    assert [line.split(":")[0] for line in user.splitlines() if line.startswith("- ")] == [
+        f"- {room}" for room in own.room_ids
+    ]
+    assert user.endswith(f"Answer with one of: {', '.join(own.room_ids)}, No Room.")
+    assert "Orion" not in user
+    # a room of another task's catalog is no answer to this one
+    reward, spans = _run_in_rollout(env.agent("inline"), task, _resources("inline", chat.base_url))
+    assert reward == 0.0 and env.answer_of(spans) is None
+
+
+def test_trivial_policies_read_each_tasks_own_catalog(tmp_path: Path, env: RoomSelectionEnv) -> None:
+    tasks = env.load_tasks("generated:n=40,seed=8,catalogs=1")
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(tasks[0].payload["catalog"]))
+    fixed = get_env("room_selection", catalog=path)
+    same_without_catalog = [Task(id=t.id, payload={k: v for k, v in t.payload.items() if k != "catalog"})
+                            for t in tasks]
+    assert env.reference_policies(tasks) == fixed.reference_policies(same_without_catalog)
+    assert env.reference_policies(tasks) != env.reference_policies(env.load_tasks("generated:n=40,seed=8"))
+
+
+def test_the_ladder_report_shows_each_sets_top_answers() -> None:
+    """A set of unseen catalogs can collapse (here onto `No Room`) where the first set does not."""
+    summaries = [
+        EvalSummary(task_set="public:val", n=12, accuracy=0.75, mean_reward=0.75,
+                    answer_distribution={"Pulse": 0.42, "No Room": 0.42, "Nova": 0.16}),
+        EvalSummary(task_set="generated:n=100,seed=99,catalogs=random", n=100, accuracy=0.28, mean_reward=0.28,
+                    answer_distribution={"No Room": 0.78, "room #1": 0.17, "room #3": 0.05}),
+    ]
+    rung = RungResult(name="warm start", summaries=summaries, agent_tokens=0, wall_s=1.0)
+    report = render_markdown(LadderResult(recipe="r", target=1.0, rungs=[rung]))
+    assert "| warm start | Pulse 42%, No Room 42%, Nova 16% | No Room 78%, room #1 17%, room #3 5% |" in report

@@ -12,6 +12,7 @@ observation masked, whatever the random model writes. The shared-prompt pass giv
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,6 +30,7 @@ from rltrain.agent import rollout
 from rltrain.algorithms.grpo import CompletionTooLongError, RolloutDriver
 from rltrain.algorithms.sft import WarmStartError, build_sft_trainer, collect_demonstrations, sft_dataset
 from rltrain.algorithms.shared_prompt import shared_prompt_logps
+from rltrain.envs.room_selection.catalog import Catalog
 from rltrain.envs.room_selection.solver import solve
 from rltrain.envs.room_selection.tasks import request_of
 from rltrain.metrics import MetricsWriter
@@ -61,15 +63,31 @@ def runs(mask: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+TOOL_TEACHER = WarmStartConfig(teacher_mode="tool_teacher", batch_size=3, max_steps=1, max_length=2048)
+
+
+@contextlib.contextmanager
+def tool_demonstrations(
+    recipe: Any, model_dir: Path
+) -> Iterator[tuple[Trainer, list[Any], dict[str, Any], Any, Any]]:
+    """The tool teacher's demonstrations of the recipe's training tasks through the gateway: the trainer (open
+    until the block ends), the rows, the metrics, and the model and tokenizer that served them."""
+    trainer = Trainer(recipe, progress=False)
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    try:
+        with ServingStack(trainer.recipe, trainer.store, model=model, tokenizer=tokenizer) as stack:
+            rows, metrics = collect_demonstrations(trainer.run, stack, TOOL_TEACHER)
+        yield trainer, rows, metrics, model, tokenizer
+    finally:
+        trainer.close()
+
+
 def test_tool_teacher_demonstrations_are_one_row_per_rollout_with_tool_results_masked(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    trainer = Trainer(tool_recipe(tmp_path, tiny_model_dir), progress=False)
-    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
-    config = WarmStartConfig(teacher_mode="tool_teacher", batch_size=3, max_steps=1, max_length=2048)
-    try:
-        with ServingStack(trainer.recipe, trainer.store, model=model, tokenizer=tokenizer) as stack:
-            rows, metrics = collect_demonstrations(trainer.run, stack, config)
+    with tool_demonstrations(tool_recipe(tmp_path, tiny_model_dir), tiny_model_dir) as (
+        trainer, rows, metrics, model, tokenizer
+    ):
         rollouts = trainer.store.list_rollouts(mode="warm_start")
         assert len(rollouts) == 3 == len(rows) == metrics["warm_start/teacher/rows"]
         catalog = trainer.run.env.catalog
@@ -93,7 +111,7 @@ def test_tool_teacher_demonstrations_are_one_row_per_rollout_with_tool_results_m
             expected = solve(request_of(rollout_.task.payload), catalog)
             assert tokenizer.decode(completion[n_call + n_between:]) == f"final_choice: {expected}<|im_end|>"
 
-        sft, _ = build_sft_trainer(model, tokenizer, rows, config, LoraConfig(r=4, alpha=8), tmp_path / "sft",
+        sft, _ = build_sft_trainer(model, tokenizer, rows, TOOL_TEACHER, LoraConfig(r=4, alpha=8), tmp_path / "sft",
                                    seed=3, progress=False)
         for example, row in zip(sft.train_dataset, rows, strict=True):  # the loss sees both turns, no tool token
             policy = [t for t, m in zip(row.completion_ids, row.env_mask, strict=True) if m]
@@ -101,8 +119,28 @@ def test_tool_teacher_demonstrations_are_one_row_per_rollout_with_tool_results_m
         longest = max(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
         with pytest.raises(WarmStartError, match=rf"longer than max_length={longest - 1} .* at least {longest}$"):
             sft_dataset(rows, longest - 1)  # never cut: the cut would be the answer
-    finally:
-        trainer.close()
+
+
+def test_tool_teacher_on_random_catalogs_gets_each_tasks_own_rooms(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Through the gateway and the real tool: each task's tool result lists its own catalog's rooms, and the
+    solver's answer on that catalog is the reward-1.0 demonstration."""
+    recipe = tool_recipe(tmp_path, tiny_model_dir)
+    recipe = recipe.model_copy(update={
+        "env": recipe.env.model_copy(update={"options": {"tool_result": "brief"}}),
+        "data": recipe.data.model_copy(update={"train": "generated:n=3,seed=5,catalogs=random"}),
+    })
+    with tool_demonstrations(recipe, tiny_model_dir) as (trainer, rows, _, _, _):
+        rollouts = trainer.store.list_rollouts(mode="warm_start")
+        assert len(rows) == len(rollouts) == 3
+        rooms_seen = []
+        for rollout_ in rollouts:
+            own = Catalog.model_validate(rollout_.task.payload["catalog"])
+            [tool] = [s for s in trainer.store.get_spans(rollout_.rollout_id) if s.kind is SpanKind.TOOL]
+            assert [room["id"] for room in tool.attributes["result"]["rooms"]] == own.room_ids
+            assert rollout_.reward == 1.0
+            assert rollout_.task.payload["expected_choice"] == solve(request_of(rollout_.task.payload), own)
+            rooms_seen.append(own.room_ids)
+        assert len({tuple(ids) for ids in rooms_seen}) == 3
 
 
 def test_tool_demonstrations_that_max_tokens_would_cut_are_refused(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -182,7 +182,8 @@ def _is_good_row(line: bytes, answers: list[str]) -> bool:
         row = TaskRow.model_validate(json.loads(line.decode("utf-8")))
     except (ValueError, RecursionError):  # not UTF-8, not JSON, not a row
         return False
-    return row.id not in ("row-0", "row-1") and (row.catalog_path is not None or row.expected_choice in answers)
+    own_catalog = row.catalog is not None or row.catalog_path is not None  # checked against its own answers
+    return row.id not in ("row-0", "row-1") and (own_catalog or row.expected_choice in answers)
 
 
 # -- gateway request bodies -----------------------------------------------------------------------------------

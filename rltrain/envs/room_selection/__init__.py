@@ -2,6 +2,9 @@
 
 Task sets (``load_tasks``): ``public`` (the 40 packaged requests), ``public:train`` (first 28),
 ``public:val`` (last 12), ``generated:n=200,seed=7`` (solver-labelled random requests), or a ``.jsonl`` path.
+``generated:n=200,seed=7,catalogs=random`` gives every request a random catalog of its own (``catalogs=K``: K
+catalogs shared round-robin), carried in the task row; prompts, tools, grading and the trivial policies read
+each task's own catalog (:mod:`.catalog_generator`).
 Agent modes: ``tool`` (the seed's tool-calling agent), ``inline`` (room checks written into the prompt, for
 small models), ``teacher`` (the inline request answered by the solver through the gateway: demonstrations for
 the warm start), ``tool_teacher`` (the tool conversation with the tool call and the solver's answer given: tool
@@ -70,13 +73,16 @@ class RoomSelectionEnv:
         return default_prompts(mode) if mode in DEFAULT_PROMPTS else {}
 
     def answer_space(self) -> list[str]:
+        """The environment catalog's answers; a task carrying its own catalog is graded against that one's."""
         return self.catalog.answer_space()
 
     def answer_of(self, spans: list[Span]) -> str | None:
-        """The choice of the last ``grade`` span (``None`` when unparseable or never graded)."""
+        """The answer of the last ``grade`` span (``None`` when unparseable or never graded): the chosen room, or
+        for a task with its own catalog its place in that catalog (see :mod:`.agent`). Spans recorded before
+        ``answer`` existed give their ``choice``."""
         for span in reversed(spans):
             if span.kind == SpanKind.LOG and span.name == GRADE_SPAN:
-                return span.attributes.get("choice")
+                return span.attributes.get("answer", span.attributes.get("choice"))
         return None
 
     def reference_policies(self, tasks: list[Task]) -> dict[str, float]:

@@ -23,12 +23,16 @@ How the inline prompt writes the rooms (``room_lines``: ``full`` or ``brief``, s
 agent by :func:`make_agent`; the teacher of an inline agent must be made with the same setting.
 
 Which catalog: an agent is made for one catalog by :func:`make_agent` (the environment passes its own), and
-a task whose payload names a ``catalog_path`` is answered against that file instead (loaded once per
-process). Nothing is configured globally, so agents for different catalogs run side by side in one process.
-The module-level ``room_selector_*`` agents use the reference catalog.
+a task whose payload carries a ``catalog`` (generated sets with ``catalogs=``) or names a ``catalog_path`` is
+answered against that one instead: its prompt, its tool results and the parsing of its answer all use that
+catalog's rooms. Nothing is configured globally, so agents for different catalogs run side by side in one
+process. The module-level ``room_selector_*`` agents use the reference catalog.
 
 Every agent grades its answer with :func:`.solver.grade`, records a ``grade`` log span (choice, expected,
-correct, parseable: what the answer-distribution diagnostics read), emits the reward and returns it.
+correct, parseable, and ``answer``: what the answer-distribution diagnostics read), emits the reward and
+returns it. ``answer`` is the choice, except for a task carrying its own catalog, where room names differ from
+task to task and say nothing in a distribution: there it is the chosen room's place in its catalog
+(``room #1`` is the first listed) or ``No Room``, which shows a policy that always takes the first room.
 """
 
 from __future__ import annotations
@@ -42,10 +46,12 @@ from pathlib import Path
 from typing import Any
 
 from openai import OpenAI
+from pydantic import ValidationError
 
 from rltrain.agent import Agent, current_context, emit_reward, rollout
-from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
+from rltrain.envs.room_selection.catalog import Catalog, CatalogError, load_catalog, reference_catalog_path
 from rltrain.envs.room_selection.prompts import ROOM_LINES, RoomLines, prompt_values
+from rltrain.envs.room_selection.schema import describe_validation_error
 from rltrain.envs.room_selection.solver import grade, solve
 from rltrain.envs.room_selection.tasks import RoomRequest, request_of
 from rltrain.envs.room_selection.tools import (
@@ -74,8 +80,19 @@ def _catalog_at(path: str) -> Catalog:
     return load_catalog(path)
 
 
+@functools.lru_cache(maxsize=1024)
+def _catalog_of_json(text: str) -> Catalog:
+    return Catalog.model_validate_json(text)
+
+
 def catalog_for(task: dict[str, Any], bound: Catalog | None) -> Catalog:
-    """The task's own ``catalog_path`` if it names one, else the agent's catalog, else the reference one."""
+    """The task's own ``catalog`` if it carries one, else the file its ``catalog_path`` names, else the agent's
+    catalog, else the reference one. A carried catalog is validated once per process and content."""
+    if task.get("catalog") is not None:
+        try:
+            return _catalog_of_json(json.dumps(task["catalog"], sort_keys=True))
+        except ValidationError as exc:
+            raise CatalogError(f"task {task.get('id')!r}: catalog: {describe_validation_error(exc)}") from exc
     if task.get("catalog_path"):
         return _catalog_at(str(Path(task["catalog_path"]).resolve()))
     return bound if bound is not None else _catalog_at(str(reference_catalog_path()))
@@ -235,7 +252,15 @@ def _answer_with_solver(request: RoomRequest, resources: Resources, catalog: Cat
     return f"final_choice: {solve(request, catalog)}"
 
 
-def record_grade(answer_text: str, expected: str, catalog: Catalog) -> float:
+def answer_label(choice: str | None, catalog: Catalog, own_catalog: bool) -> str | None:
+    """What the answer distribution counts: the choice, or for a task with its own catalog the chosen room's
+    place in that catalog (``room #1``, ...) or ``No Room``."""
+    if not own_catalog or choice not in catalog.room_ids:  # None, No Room
+        return choice
+    return f"room #{catalog.room_ids.index(choice) + 1}"
+
+
+def record_grade(answer_text: str, expected: str, catalog: Catalog, own_catalog: bool = False) -> float:
     """Grade an answer, record the ``grade`` span (inside a rollout), emit and return the reward."""
     start = time.time()
     result = grade(answer_text, expected, catalog.room_ids)
@@ -250,6 +275,7 @@ def record_grade(answer_text: str, expected: str, catalog: Catalog) -> float:
                 "expected": result.expected,
                 "correct": result.correct,
                 "parseable": result.parseable,
+                "answer": answer_label(result.choice, catalog, own_catalog),
             },
         )
     emit_reward(result.reward)
@@ -287,8 +313,9 @@ def make_agent(
 
     def room_selector(task: dict[str, Any], resources: Resources) -> float:
         task_catalog = catalog_for(task, catalog)
+        own = task.get("catalog") is not None
         return record_grade(
-            answer(request_of(task), resources, task_catalog), task["expected_choice"], task_catalog
+            answer(request_of(task), resources, task_catalog), task["expected_choice"], task_catalog, own
         )
 
     return rollout(room_selector, name=f"room_selector_{mode}", needs_llm=mode != "solver")

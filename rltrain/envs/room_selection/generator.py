@@ -7,17 +7,23 @@ catalog 43 % are ``No Room`` and 18 % ``Nova``, the one room for 11-12 people), 
 a majority answer, so a draw whose label already fills ``MAX_LABEL_SHARE`` of the rows is redrawn. After
 ``MAX_REDRAWS`` redraws in a row the draw is kept, so a catalog with only a few possible answers still
 gets its ``n`` rows.
+
+Given several catalogs instead of one (``catalogs=`` in a task set spec, see :mod:`.catalog_generator`), row ``i``
+is asked of catalog ``i mod K`` and carries it (``"catalog"`` in the row), and the share is counted per answer
+*kind*, ``No Room`` or the chosen room's place in its catalog's order: names differ from catalog to catalog,
+so counting names would never redraw anything. With one catalog place and name are the same thing, so the rows
+are those this module always drew.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rltrain.envs.room_selection.catalog import Catalog, CatalogError
-from rltrain.envs.room_selection.schema import clock_of
+from rltrain.envs.room_selection.schema import NO_ROOM, clock_of
 from rltrain.envs.room_selection.solver import solve
 from rltrain.envs.room_selection.tasks import MAX_TASKS, RoomRequest, TaskSpecError
 
@@ -53,31 +59,51 @@ def _identity(request: RoomRequest) -> tuple[Any, ...]:
     )
 
 
+def _answer_kind(label: str, catalog: Catalog) -> str | int:
+    """What the label balance counts: ``No Room``, or the chosen room's place in catalog order."""
+    return label if label == NO_ROOM else catalog.room_ids.index(label)
+
+
 def generate_tasks(
-    catalog: Catalog, n: int, seed: int, exclude: Iterable[dict[str, Any]] = ()
+    catalogs: Catalog | Sequence[Catalog], n: int, seed: int, exclude: Iterable[dict[str, Any]] = ()
 ) -> list[dict[str, Any]]:
-    """``n`` task rows ``{"id": "g{seed}-{i}", "task_input", "expected_choice"}``, deterministic per
-    ``(catalog, n, seed)``; requests equal to one in ``exclude`` (task_input dicts) are never produced."""
+    """``n`` task rows, deterministic per ``(catalogs, n, seed)``; requests equal to one in ``exclude``
+    (task_input dicts) are never produced.
+
+    One catalog: rows ``{"id": "g{seed}-{i}", "task_input", "expected_choice"}`` labelled against it. A sequence
+    of catalogs: row ``i`` is ``{"id": "g{seed}c-{i}", ..., "catalog": {...}}``, labelled against and carrying
+    ``catalogs[i % len(catalogs)]``."""
     if not 1 <= n <= MAX_TASKS:
         raise TaskSpecError(f"the number of tasks to generate must be in [1, {MAX_TASKS}], got {n}")
-    if not catalog.booking_dates:
+    own = not isinstance(catalogs, Catalog)
+    pool = [catalogs] if isinstance(catalogs, Catalog) else list(catalogs)
+    if not pool:
+        raise TaskSpecError("cannot generate requests: no catalog given")
+    if any(not catalog.booking_dates for catalog in pool):
         raise CatalogError("cannot generate requests: the catalog has no bookings, so no date to ask about")
     excluded = {_identity(RoomRequest.model_validate(request)) for request in exclude}
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
-    label_counts: Counter[str] = Counter()
+    kind_counts: Counter[str | int] = Counter()
     redraws = 0
     while len(rows) < n:
+        catalog = pool[len(rows) % len(pool)]
         request = _draw_request(rng, catalog)
         if _identity(request) in excluded:
             continue
         label = solve(request, catalog)
-        if label_counts[label] >= max(1.0, MAX_LABEL_SHARE * (len(rows) + 1)) and redraws < MAX_REDRAWS:
+        kind = _answer_kind(label, catalog)
+        if kind_counts[kind] >= max(1.0, MAX_LABEL_SHARE * (len(rows) + 1)) and redraws < MAX_REDRAWS:
             redraws += 1
             continue
         redraws = 0
-        label_counts[label] += 1
-        rows.append(
-            {"id": f"g{seed}-{len(rows)}", "task_input": request.model_dump(), "expected_choice": label}
-        )
+        kind_counts[kind] += 1
+        row: dict[str, Any] = {
+            "id": f"g{seed}{'c' if own else ''}-{len(rows)}",
+            "task_input": request.model_dump(),
+            "expected_choice": label,
+        }
+        if own:
+            row["catalog"] = catalog.model_dump()
+        rows.append(row)
     return rows

@@ -1,9 +1,14 @@
 """Room requests and task files: validation, loading, writing, and the recipe strings that name task sets.
 
 A task row is ``{"id", "task_input": {...request...}, "expected_choice"}`` (the public room-selector format),
-optionally with ``catalog_path`` naming the catalog it is labelled against. Rows are validated on load, and
-the :class:`~rltrain.types.Task` payload is the row exactly as read, so what the agent sees is what the file
-says.
+optionally with the catalog it is labelled against: ``catalog`` (the catalog itself, what generated sets with
+``catalogs=`` write) or ``catalog_path`` (a catalog file). Rows are validated on load, and the
+:class:`~rltrain.types.Task` payload is the row exactly as read, so what the agent sees is what the file says.
+
+Why a generated row carries its catalog inline rather than a reference to a file: the row is then the whole
+question (the store's rollout record holds the exact rooms it was graded against, a run directory can be moved
+or resumed without side files that could go missing or change), and it stays small: at most 11 rooms of 3
+dates x 3 bookings, under 10 KB against the 64 KiB row bound.
 """
 
 from __future__ import annotations
@@ -11,10 +16,19 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
 from rltrain.envs.room_selection.schema import Clock, IsoDate, describe_validation_error
@@ -69,7 +83,19 @@ class TaskRow(BaseModel):
     id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     task_input: RoomRequest
     expected_choice: str = Field(min_length=1)
+    catalog: Catalog | None = None
     catalog_path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_catalog_and_its_answer(self) -> TaskRow:
+        if self.catalog is not None and self.catalog_path is not None:
+            raise ValueError("a row names its catalog once: 'catalog' or 'catalog_path', not both")
+        if self.catalog is not None and self.expected_choice not in self.catalog.answer_space():
+            raise ValueError(
+                f"expected_choice {self.expected_choice!r} is not an answer of the row's own catalog "
+                f"(expected one of {self.catalog.answer_space()})"
+            )
+        return self
 
 
 def request_of(payload: dict[str, Any]) -> RoomRequest:
@@ -85,9 +111,10 @@ def request_of(payload: dict[str, Any]) -> RoomRequest:
 def load_tasks(path: str | Path, answers: Collection[str] | None = None) -> list[Task]:
     """Read a JSONL task file, one row a line (blank lines skipped).
 
-    With ``answers`` (a catalog's answer space), every ``expected_choice`` of a row that does not name its own
-    ``catalog_path`` must be one of them: a label naming a room that does not exist could never be earned.
-    Errors name the file, the line, the field and the value.
+    With ``answers`` (a catalog's answer space), every ``expected_choice`` of a row that does not carry or name
+    its own catalog must be one of them (a row carrying its ``catalog`` is checked against that one): a label
+    naming a room that does not exist could never be earned. Errors name the file, the line, the field and the
+    value.
     """
     path = Path(path)
     try:
@@ -130,7 +157,8 @@ def load_tasks(path: str | Path, answers: Collection[str] | None = None) -> list
         if parsed.id in first_line_of:
             raise TaskSpecError(f"{where}: id {parsed.id!r} already used on line {first_line_of[parsed.id]}")
         first_line_of[parsed.id] = line_no
-        if answers is not None and parsed.catalog_path is None and parsed.expected_choice not in answers:
+        own_catalog = parsed.catalog is not None or parsed.catalog_path is not None
+        if answers is not None and not own_catalog and parsed.expected_choice not in answers:
             raise TaskSpecError(
                 f"{where}: expected_choice {parsed.expected_choice!r} is not an answer of the catalog "
                 f"(expected one of {sorted(answers)})"
@@ -157,7 +185,7 @@ def write_tasks(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
 
 _SPEC_HELP = (
     "expected 'public', 'public:train' (first 28), 'public:val' (the rest), "
-    "'generated:n=<count>,seed=<int>', or the path of a .jsonl task file"
+    "'generated:n=<count>,seed=<int>[,catalogs=random|<count>]', or the path of a .jsonl task file"
 )
 
 
@@ -166,18 +194,22 @@ def resolve_tasks(spec: str, catalog: Catalog) -> list[Task]:
 
     The public tasks are labelled against the reference catalog, so asking for them with another catalog is
     an error rather than a set of wrong labels. Generated requests never repeat a public request, so a model
-    trained on generated tasks is never shown a public validation request.
+    trained on generated tasks is never shown a public validation request. ``generated:...,catalogs=random``
+    gives every task a catalog of its own and ``catalogs=<K>`` spreads the tasks over K catalogs (see
+    :mod:`.catalog_generator`), drawn from the set's seed, so ``catalog`` is then unused.
     """
     kind, _, argument = spec.strip().partition(":")
     if kind == "public":
         return _public_tasks(argument, catalog)
     if kind == "generated":
         # Imported here because the generator builds on this module's RoomRequest.
+        from rltrain.envs.room_selection.catalog_generator import generate_catalogs
         from rltrain.envs.room_selection.generator import generate_tasks
 
-        count, seed = _generated_options(spec, argument)
+        options = _generated_options(spec, argument)
         public_requests = [task.payload["task_input"] for task in load_tasks(PUBLIC_TASKS_PATH)]
-        rows = generate_tasks(catalog, count, seed, exclude=public_requests)
+        catalogs = catalog if options.catalogs is None else generate_catalogs(options.seed, options.catalogs)
+        rows = generate_tasks(catalogs, options.n, options.seed, exclude=public_requests)
         return [Task.from_row(row, index) for index, row in enumerate(rows)]
     path = Path(spec)
     if path.suffix == ".jsonl":
@@ -200,16 +232,39 @@ def _public_tasks(split: str, catalog: Catalog) -> list[Task]:
     return splits[split]
 
 
-def _generated_options(spec: str, argument: str) -> tuple[int, int]:
-    options: dict[str, int] = {}
+@dataclass(frozen=True)
+class GeneratedOptions:
+    """The options of a ``generated:`` spec; ``catalogs`` is None for the environment's catalog."""
+
+    n: int
+    seed: int = 0
+    catalogs: int | None = None
+
+
+def _generated_options(spec: str, argument: str) -> GeneratedOptions:
+    options: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in argument.split(","))):
         key, equals, value = item.partition("=")
-        if key not in ("n", "seed") or not equals:
+        if key not in ("n", "seed", "catalogs") or not equals:
             raise TaskSpecError(f"task set {spec!r}: unknown option {item!r}; {_SPEC_HELP}")
-        try:
-            options[key] = int(value)
-        except ValueError:
-            raise TaskSpecError(f"task set {spec!r}: {key} must be an integer, got {value!r}") from None
-    if "n" not in options or not 1 <= options["n"] <= MAX_TASKS:
+        options[key] = value.strip()
+    numbers: dict[str, int] = {}
+    for key in ("n", "seed"):
+        if key in options:
+            try:
+                numbers[key] = int(options[key])
+            except ValueError:
+                raise TaskSpecError(f"task set {spec!r}: {key} must be an integer, got {options[key]!r}") from None
+    if "n" not in numbers or not 1 <= numbers["n"] <= MAX_TASKS:
         raise TaskSpecError(f"task set {spec!r}: needs n=<count> with 1 <= count <= {MAX_TASKS}; {_SPEC_HELP}")
-    return options["n"], options.get("seed", 0)
+    n, seed = numbers["n"], numbers.get("seed", 0)
+    value = options.get("catalogs")
+    if value is None:
+        return GeneratedOptions(n=n, seed=seed)
+    count = n if value == "random" else int(value) if value.isdecimal() else 0
+    if not 1 <= count <= n:
+        raise TaskSpecError(
+            f"task set {spec!r}: catalogs must be 'random' (a catalog per task) or a count of catalogs from 1 to "
+            f"n={n}, got {value!r}"
+        )
+    return GeneratedOptions(n=n, seed=seed, catalogs=count)
