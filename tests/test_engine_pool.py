@@ -28,6 +28,7 @@ from test_engine_vllm import DIES_MID_STREAM, FAKE, PROMPT, vllm_recipe
 from rltrain.engines.base import EngineError, GenerationRequest, GenerationResult, OnToken
 from rltrain.engines.engine_pool import EnginePool, NoEngineLeftError, vllm_engine
 from rltrain.engines.vllm_server import VLLMStartupError, replica_devices, vllm_environment
+from rltrain.engines.vllm_server import main as vllm_server_main
 from rltrain.gateway.app import create_app
 from rltrain.gateway.server import GatewayServer
 from rltrain.recipes import RecipeError, parse_recipe
@@ -64,7 +65,7 @@ def test_several_engines_are_configured_one_way(vllm: dict[str, Any], message: s
         .server_urls() == ["http://a:1"]
 
 
-def test_started_gpu_replicas_get_gpus_of_their_own() -> None:
+def test_started_gpu_replicas_get_gpus_of_their_own(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = parse_recipe({"name": "x", "model": {"device": "cuda"},
                            "engine": {"kind": "vllm", "vllm": {"replicas": 2, "tensor_parallel_size": 2}}})
     assert replica_devices(recipe, 0, "4,5,6,7") == ["4", "5"]
@@ -75,6 +76,12 @@ def test_started_gpu_replicas_get_gpus_of_their_own() -> None:
     one = parse_recipe({"name": "x", "model": {"device": "cuda"}, "engine": {"kind": "vllm"}})
     assert vllm_environment(one, {"CUDA_VISIBLE_DEVICES": "3"}) == {"CUDA_VISIBLE_DEVICES": "3",
                                                                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    # the module that runs one server for a launch script refuses a recipe of several
+    recipe_file = tmp_path / "replicas.yaml"
+    recipe_file.write_text("name: x\nengine: {kind: vllm, vllm: {replicas: 2}}\n")
+    with pytest.raises(SystemExit) as exited:
+        vllm_server_main([str(recipe_file), "--print"])
+    assert exited.value.code == 2 and "engine.vllm.replicas=2: this runs one server" in capsys.readouterr().err
 
 
 # -- two servers in this process --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ methods, so the gateway and the weight sync use one engine or several alike. Its
   next step samples the new version wherever its rollouts land.
 * **A dead engine leaves the rotation.** When a request or an adapter call fails and the engine's ``/health`` then
   fails too (connection refused, vLLM's 503 after an ``EngineDeadError``), the engine is taken out for the rest of
-  the run with one WARNING naming its URL and the reason, and stopped if rltrain started it (an engine rltrain
+  the run with one WARNING naming its URL and the reason, and stopped if rltrain started it (a server rltrain
   started is first restarted by :class:`VLLMEngine` itself, ``engine.vllm.max_restarts`` times). Its rollouts move
   to the others on their next request. The failed request is sent to another engine, unless it was streamed and
   tokens already went out (a retry would not reproduce them): then it fails. A request that fails while its engine
@@ -123,11 +123,12 @@ class EnginePool:
             left = sum(m.dead is None for m in self._members)
         logger.warning("vLLM engine %s is out of rotation: %s; %d rollout(s) move to the %d engine(s) left",
                        member.url, reason, len(moved), left)
-        member.engine.close()  # stops the server if rltrain started it
+        if member.engine.server is not None:  # rltrain started it: stop what is left (its GPU memory, its workers)
+            member.engine.server.stop()
 
     def _is_dead(self, member: _Member, error: EngineError) -> bool:
         """Whether ``error`` came from a dead engine (its /health fails too); if so it is retired."""
-        if member.dead is not None:  # retired (and closed) while this call was in flight
+        if member.dead is not None:  # retired while this call was in flight
             return True
         if isinstance(error, ValueError):  # the request's own fault (4xx, context length): the engine answered
             return False
@@ -171,11 +172,17 @@ class EnginePool:
     # -- policy versions: every live engine -------------------------------------------------------------------
     @property
     def policy_version(self) -> int:
-        return self._live()[0].engine.policy_version
+        return self._reference().policy_version
 
     @property
     def loaded_versions(self) -> list[int]:
-        return self._live()[0].engine.loaded_versions
+        return self._reference().loaded_versions
+
+    def _reference(self) -> VLLMEngine:
+        """An engine whose versions are the pool's (every live one has the same; with none left, the first)."""
+        with self._lock:
+            live = [member for member in self._members if member.dead is None]
+        return (live or self._members)[0].engine
 
     def set_policy_version(self, version: int) -> None:
         for member in self._live():
@@ -229,8 +236,7 @@ class EnginePool:
         """Close every engine (stopping the servers rltrain started)."""
         logger.info("requests served per vLLM engine: %s", self.requests_per_engine)
         for member in self._members:
-            if member.dead is None:
-                member.engine.close()
+            member.engine.close()
 
 
 def vllm_engine(recipe: Recipe, tokenizer: Any = None) -> VLLMEngine | EnginePool:

@@ -297,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rltrain.models import resolve_model
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.engine.vllm.replicas > 1:
+        parser.error(f"engine.vllm.replicas={recipe.engine.vllm.replicas}: this runs one server; rltrain starts "
+                     "replicas itself, or run this once per server (each on its own --port and GPUs) and list them "
+                     "in engine.vllm.urls")
     command = build_vllm_command(recipe, resolve_model(recipe.model.name), args.port)
     env = vllm_environment(recipe)
     added = {k: v for k, v in env.items() if os.environ.get(k) != v}
