@@ -85,9 +85,13 @@ class EnginePool:
         self._lock = threading.Lock()
 
     # -- which engine -----------------------------------------------------------------------------------------
-    def _live(self) -> list[_Member]:
+    def _alive(self) -> list[_Member]:
         with self._lock:
-            live = [member for member in self._members if member.dead is None]
+            return [member for member in self._members if member.dead is None]
+
+    def _live(self) -> list[_Member]:
+        """The engines in rotation; :class:`NoEngineLeftError` when there are none."""
+        live = self._alive()
         if not live:
             raise NoEngineLeftError(
                 "every vLLM engine was taken out of rotation: "
@@ -180,9 +184,7 @@ class EnginePool:
 
     def _reference(self) -> VLLMEngine:
         """An engine whose versions are the pool's (every live one has the same; with none left, the first)."""
-        with self._lock:
-            live = [member for member in self._members if member.dead is None]
-        return (live or self._members)[0].engine
+        return (self._alive() or self._members)[0].engine
 
     def set_policy_version(self, version: int) -> None:
         for member in self._live():
