@@ -104,6 +104,20 @@ class VLLMConfig(_Section):
         "stops none. It must serve `model.name`, with `--enable-lora` for adapter sync, and read the adapter "
         "files rltrain writes under the run directory (same filesystem).",
     )
+    urls: list[str] = Field(
+        default_factory=list,
+        description="Base URLs of several running vLLM servers (data parallelism), each as for `url`, all serving "
+        "`model.name` from the same weights: one gateway spreads the rollouts over them by load, each rollout's "
+        "requests staying on one server (its prefix cache), and every adapter version is loaded on all of them "
+        "before the next step samples. A server that dies is taken out of rotation. Set `url` or `urls`, not both.",
+    )
+    replicas: int = Field(
+        default=1, ge=1,
+        description="How many vLLM servers rltrain starts (data parallelism behind one gateway, as for `urls`). On "
+        "GPU each replica gets `tensor_parallel_size` GPUs of its own (of those CUDA_VISIBLE_DEVICES shows); on "
+        "CPU each is a process with its own weights and `cpu_kv_cache_gib` of KV cache (~4 GB RAM for SmolLM2). "
+        "Ports `port`, `port`+1, ... (or free ones); logs `vllm.log`, `vllm-1.log`, ...",
+    )
     command: str | None = Field(
         default=None,
         description="The program that runs vLLM's CLI, split like a shell would (a path when vLLM lives in an "
@@ -148,6 +162,32 @@ class VLLMConfig(_Section):
     extra_args: list[str] = Field(
         default_factory=list, description="More `vllm serve` arguments, passed as given (e.g. `--enforce-eager`)."
     )
+
+    @model_validator(mode="after")
+    def _check_servers(self) -> VLLMConfig:
+        if self.url is not None and self.urls:
+            raise ValueError(f"url={self.url!r} and urls={self.urls!r}: set one (url is one server, urls several)")
+        for url in self.server_urls():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"server URL {url!r} must start with http:// or https://")
+        repeated = sorted({u for u in self.urls if self.urls.count(u) > 1})
+        if repeated:
+            raise ValueError(f"urls lists {repeated} more than once: each server is one engine")
+        if self.replicas > 1 and self.server_urls():
+            raise ValueError(f"replicas={self.replicas} starts servers, url/urls name running ones: set one")
+        if self.engine_count > 1 and self.weight_sync == "merged":
+            raise ValueError(f"weight_sync=merged pushes weights to one server (TRL's vLLM client), not to the "
+                             f"{self.engine_count} configured (urls/replicas); use weight_sync: adapter")
+        return self
+
+    def server_urls(self) -> list[str]:
+        """The running servers the recipe names (``url`` or ``urls``); empty = rltrain starts them."""
+        return [self.url] if self.url is not None else list(self.urls)
+
+    @property
+    def engine_count(self) -> int:
+        """How many vLLM servers sample for the run."""
+        return len(self.server_urls()) or self.replicas
 
     def program(self) -> list[str]:
         """The command that runs vLLM's CLI: ``command`` split, or the default lookup (see ``command``)."""

@@ -103,11 +103,12 @@ class ServingStack:
         )
 
     def _start_vllm(self) -> Any:
-        """A vLLM server (started, or ``engine.vllm.url``) that samples with ``model``'s weights when given."""
+        """vLLM servers (started, or ``engine.vllm.url``/``urls``; several are pooled) that sample with ``model``'s
+        weights when given."""
         from rltrain.algorithms.weight_sync import publish_served_weights
-        from rltrain.engines.vllm import VLLMEngine
+        from rltrain.engines.engine_pool import vllm_engine
 
-        engine = VLLMEngine.from_recipe(self.recipe, tokenizer=self._tokenizer)
+        engine = vllm_engine(self.recipe, tokenizer=self._tokenizer)
         try:
             if self._model is not None:
                 publish_served_weights(self.recipe, engine, self._model)

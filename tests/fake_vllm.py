@@ -237,6 +237,8 @@ class FakeVLLM:
         with self._lock:
             self.model.delete_adapter(name)
             del self.adapters[name]
+            if not self.adapters:  # PEFT cannot run a model left without adapters: back to the plain one
+                self.model = self.model.unload()
         self.lora_calls.append(("unload", name))
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 

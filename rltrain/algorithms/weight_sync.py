@@ -17,6 +17,10 @@ step through them on CPU, so a TRL change that breaks them fails there). The mod
 ``vllm_importance_sampling_*`` fields of the algorithm section; TRL logs the ratios as
 ``sampling/importance_sampling_ratio/{min,mean,max}``.
 
+Several vLLM servers (``engine.vllm.urls`` / ``replicas``) are one :class:`~rltrain.engines.engine_pool.EnginePool`
+to the publisher: each load and unload reaches every live server before it returns, so the next step samples the
+new version wherever its rollouts land.
+
 Several training processes (DDP, ZeRO-2) share one vLLM server: the main process saves and loads, all wait at a
 barrier, then every process routes to the new version.
 """
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from rltrain.algorithms.vllm_checks import WeightSyncError, adapter_problems, check_adapter_sync_layout
+from rltrain.engines.engine_pool import EnginePool
 from rltrain.engines.vllm import VLLMEngine, adapter_name
 from rltrain.recipes import Recipe
 
@@ -57,7 +62,9 @@ class _ProcessState(Protocol):
 class AdapterPublisher:
     """Save a PEFT model's adapter and serve it from ``engine`` as ``policy-v{version}`` (older versions go)."""
 
-    def __init__(self, engine: VLLMEngine, directory: Path, max_lora_rank: int, state: _ProcessState) -> None:
+    def __init__(
+        self, engine: VLLMEngine | EnginePool, directory: Path, max_lora_rank: int, state: _ProcessState
+    ) -> None:
         self.engine = engine
         self.directory = directory
         self.max_lora_rank = max_lora_rank
@@ -92,7 +99,7 @@ class AdapterPublisher:
         logger.info("vLLM now samples with %s", adapter_name(version))
 
 
-def publish_served_weights(recipe: Recipe, engine: VLLMEngine, model: Any) -> None:
+def publish_served_weights(recipe: Recipe, engine: VLLMEngine | EnginePool, model: Any) -> None:
     """Make a freshly started engine sample with ``model``'s weights, as the embedded engine does by sharing the
     model: a PEFT model's adapter is published as version 0; a plain model is the base weights vLLM already
     serves (merged sync pushes weights only once training starts)."""

@@ -2,7 +2,8 @@
 
 The gateway owns chat templating and tokenisation (design decision 1); an engine only ever sees token ids.
 Implementations: :mod:`rltrain.engines.transformers` (embedded, dynamic batching) and
-:mod:`rltrain.engines.vllm` (a ``vllm serve`` process, GPU).
+:mod:`rltrain.engines.vllm` (a ``vllm serve`` process, GPU), several of which
+:mod:`rltrain.engines.engine_pool` puts behind one gateway.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class GenerationRequest:
     """One sampling request. ``n`` completions are sampled independently from the same prompt.
 
     ``adapter`` names the policy version to sample with (``None`` = the engine's current one). ``seed`` makes
-    sampling reproducible per request; with ``temperature == 0`` decoding is greedy.
+    sampling reproducible per request; with ``temperature == 0`` decoding is greedy. ``session`` names the
+    conversation (the rollout) a request continues: several engines behind one gateway serve a session's requests
+    on one engine, whose prefix cache holds its earlier turns; one engine ignores it.
     """
 
     prompt_ids: list[int]
@@ -41,6 +44,7 @@ class GenerationRequest:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     adapter: str | None = None
+    session: str | None = None
 
 
 @dataclass

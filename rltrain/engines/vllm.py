@@ -69,6 +69,8 @@ _ADAPTER = re.compile(r"^policy-v(\d+)$")
 _TOKEN_ID = re.compile(r"^token_id:(\d+)$")
 #: most concurrent HTTP connections to the server (the runner's concurrency is far below this)
 MAX_CONNECTIONS = 512
+#: how long a health check waits for ``/health`` (a server too busy to answer this is as good as dead)
+HEALTH_TIMEOUT_S = 10.0
 
 
 def adapter_name(version: int) -> str:
@@ -129,29 +131,32 @@ class VLLMEngine:
         self._closed = False
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, tokenizer: Any = None) -> VLLMEngine:
-        """Connect to ``engine.vllm.url``, or start ``vllm serve`` for the recipe (log: ``<run dir>/vllm.log``)."""
+    def from_recipe(cls, recipe: Recipe, tokenizer: Any = None, replica: int = 0) -> VLLMEngine:
+        """Connect to the recipe's running server number ``replica`` (``engine.vllm.url`` or ``urls``), or start
+        replica number ``replica`` of ``vllm serve`` for the recipe (log: ``<run dir>/vllm.log``, ``vllm-1.log``,
+        ...). :func:`rltrain.engines.engine_pool.vllm_engine` pools several."""
         from rltrain.models import ensure_pad_token, resolve_model
 
         config = recipe.engine.vllm
+        urls = config.server_urls()
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1 and config.url is None:
+        if world_size > 1 and not urls:
             raise VLLMConfigError(
                 f"this is one of {world_size} training processes, and each would start its own vLLM server; start "
                 "one server on GPUs of its own (scripts/train_gpu.sh does) and set engine.vllm.url to it"
             )
         model_dir = resolve_model(recipe.model.name)
         server = None
-        if config.url is not None:
-            base_url = config.url
+        if urls:
+            base_url = urls[replica]
             _wait_for_health(base_url, config.startup_timeout_s)
         else:
-            port = config.port or free_port()
+            port = config.port + replica if config.port else free_port()
             base_url = f"http://127.0.0.1:{port}"
             server = VLLMServer(
-                build_vllm_command(recipe, model_dir, port), vllm_environment(recipe), base_url=base_url,
-                log_path=recipe.run_dir / "vllm.log", startup_timeout_s=config.startup_timeout_s,
-                max_restarts=config.max_restarts,
+                build_vllm_command(recipe, model_dir, port), vllm_environment(recipe, replica=replica),
+                base_url=base_url, log_path=recipe.run_dir / (f"vllm-{replica}.log" if replica else "vllm.log"),
+                startup_timeout_s=config.startup_timeout_s, max_restarts=config.max_restarts,
             )
             server.start()
         if tokenizer is None:
@@ -373,6 +378,17 @@ class VLLMEngine:
         return self._client
 
     # -- admin ------------------------------------------------------------------------------------------------
+    def health_problem(self) -> str | None:
+        """Why the server is not serving (``/health`` unreachable or not 200 within :data:`HEALTH_TIMEOUT_S`;
+        vLLM answers 503 once its engine core died), or None when it is healthy."""
+        try:
+            response = self._admin.get("/health", timeout=HEALTH_TIMEOUT_S)
+        except httpx.TransportError as exc:
+            return f"its /health is unreachable ({exc!r})"
+        if response.status_code != 200:
+            return f"its /health answered {response.status_code}"
+        return None
+
     def _served_model(self) -> ServedModel:
         data = _json_or_raise(self._admin.get("/v1/models"), f"GET {self.base_url}/v1/models")
         cards = [card for card in data.get("data") or [] if not card.get("parent")]
@@ -579,4 +595,5 @@ def _wait_for_health(base_url: str, timeout_s: float) -> None:
             except httpx.TransportError as exc:
                 last = repr(exc)
             time.sleep(1.0)
-    raise EngineError(f"engine.vllm.url={base_url} did not answer /health within {timeout_s:g} s ({last})")
+    raise EngineError(f"the vLLM server {base_url} of engine.vllm.url/urls did not answer /health within "
+                      f"{timeout_s:g} s ({last})")

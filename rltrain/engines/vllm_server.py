@@ -84,9 +84,12 @@ def build_vllm_command(recipe: Recipe, model_dir: str | Path, port: int) -> list
     return command + list(config.extra_args)
 
 
-def vllm_environment(recipe: Recipe, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of the server process: ``base`` (the current one by default) plus what weight sync needs."""
+def vllm_environment(recipe: Recipe, base: dict[str, str] | None = None, replica: int = 0) -> dict[str, str]:
+    """The environment of the server process: ``base`` (the current one by default) plus what weight sync needs;
+    with ``engine.vllm.replicas`` > 1 on GPU, replica ``replica`` sees only its own GPUs."""
     env = dict(os.environ if base is None else base)
+    if recipe.engine.vllm.replicas > 1 and recipe.model.device != "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(replica_devices(recipe, replica, env.get("CUDA_VISIBLE_DEVICES")))
     if recipe.model.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(recipe.engine.vllm.cpu_kv_cache_gib)
     if recipe.engine.vllm.weight_sync == "adapter":
@@ -94,6 +97,27 @@ def vllm_environment(recipe: Recipe, base: dict[str, str] | None = None) -> dict
     else:
         env["VLLM_SERVER_DEV_MODE"] = "1"
     return env
+
+
+def replica_devices(recipe: Recipe, replica: int, visible: str | None) -> list[str]:
+    """The GPUs of replica ``replica``: the ``replica``-th run of ``tensor_parallel_size`` devices among ``visible``
+    (a CUDA_VISIBLE_DEVICES value; None = every GPU torch sees), so that replicas never share a GPU."""
+    config = recipe.engine.vllm
+    if visible is None:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())]
+    else:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+    needed = config.replicas * config.tensor_parallel_size
+    if needed > len(devices):
+        raise VLLMStartupError(
+            f"engine.vllm.replicas={config.replicas} x tensor_parallel_size={config.tensor_parallel_size} needs "
+            f"{needed} GPUs, but {len(devices)} are visible ({','.join(devices) or 'none'}); lower replicas or "
+            "show more GPUs"
+        )
+    size = config.tensor_parallel_size
+    return devices[replica * size:(replica + 1) * size]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -273,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rltrain.models import resolve_model
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.engine.vllm.replicas > 1:
+        parser.error(f"engine.vllm.replicas={recipe.engine.vllm.replicas}: this runs one server; rltrain starts "
+                     "replicas itself, or run this once per server (each on its own --port and GPUs) and list them "
+                     "in engine.vllm.urls")
     command = build_vllm_command(recipe, resolve_model(recipe.model.name), args.port)
     env = vllm_environment(recipe)
     added = {k: v for k, v in env.items() if os.environ.get(k) != v}

@@ -147,7 +147,7 @@ class ChatService:
             completions = [self._given_completion(request.rltrain_completion, len(plan.prompt_ids))]
             policy_version = self.engine.policy_version
         else:
-            completions, policy_version = await self._generate(request, plan, on_token)
+            completions, policy_version = await self._generate(request, plan, on_token, rollout_id)
         choices = [self._choice(index, completion, request) for index, completion in enumerate(completions)]
         result = ChatResult(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -161,9 +161,10 @@ class ChatService:
         return result
 
     async def _generate(
-        self, request: ChatCompletionRequest, plan: PromptPlan, on_token: OnToken | None = None
+        self, request: ChatCompletionRequest, plan: PromptPlan, on_token: OnToken | None, rollout_id: str | None
     ) -> tuple[list[Completion], int]:
-        """Sample the request's completions; returns them and the policy version that sampled them."""
+        """Sample the request's completions (the rollout is the engine's session: several engines keep its turns
+        on one); returns them and the policy version that sampled them."""
         generation = GenerationRequest(
             prompt_ids=plan.prompt_ids,
             max_tokens=self._max_tokens(request, len(plan.prompt_ids)),
@@ -173,6 +174,7 @@ class ChatService:
             seed=request.seed,
             stop_token_ids=tuple(sorted(self.chat_format.end_of_turn_ids)),
             adapter=request.model if POLICY_ALIAS.match(request.model) else None,
+            session=rollout_id,
         )
         try:
             generated = await generate(self.engine, generation, on_token)
