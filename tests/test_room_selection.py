@@ -57,6 +57,7 @@ from rltrain.envs.room_selection.tools import (
     ToolCallError,
     execute_tool_call,
     parse_tool_call,
+    tool_definitions,
 )
 from rltrain.escalation import LadderResult, RungResult
 from rltrain.metrics import EvalSummary, summarise
@@ -656,6 +657,44 @@ def test_tool_agent_sends_the_brief_tool_result_when_the_env_says_so(scripted: A
     assert all("booked" not in room and "bookings_that_day" in room for room in rooms)
 
 
+def test_checks_tool_takes_the_request_and_answers_with_each_rooms_verdict(
+    scripted: Any, public: list[Task]
+) -> None:
+    """``tool_result: checks``: the tool's schema asks for the whole request, a call with the slot alone is
+    refused naming the missing fields, and the verdicts follow the arguments the model wrote (a wrong head
+    count gives wrong verdicts), in the words of the inline brief room lines; the default prompts describe it."""
+    env = get_env("room_selection", tool_result="checks")
+    task = public[1]  # 2025-10-13 14:30, 30 min, 12 attendees, whiteboard + confphone, accessible: Nova
+    request = request_of(task.payload).model_dump()
+    (definition,) = tool_definitions("checks")
+    assert definition["function"]["parameters"]["required"] == list(request)
+    assert "attendees" not in TOOL_DEFINITIONS[0]["function"]["parameters"]["properties"]
+    assert "accessible_required" in env.default_prompts("tool")["system"].template
+    assert env.default_prompts("tool_teacher") == env.default_prompts("tool")
+    with pytest.raises(ToolCallError, match="attendees"):
+        parse_tool_call(TOOL_NAME, GOOD_ARGS, "checks")
+    two_attendees = json.dumps({**request, "attendees": 2})
+    chat = scripted(
+        [
+            {"tool_calls": [_tool_call("c1", TOOL_NAME, GOOD_ARGS)]},
+            {"tool_calls": [_tool_call("c2", TOOL_NAME, two_attendees)]},
+            {"tool_calls": [_tool_call("c3", TOOL_NAME, json.dumps(request))]},
+            {"content": "final_choice: Nova"},
+        ]
+    )
+    resources = Resources(llm=_resources("tool", chat.base_url).llm, prompts=env.default_prompts("tool"))
+    reward, spans = _run_in_rollout(env.agent("tool"), task, resources)
+    assert reward == 1.0 and chat.requests[0]["tools"] == tool_definitions("checks")
+    results = [json.loads(m["content"]) for m in chat.requests[-1]["messages"] if m["role"] == "tool"]
+    assert "attendees" in results[0]["error"]
+    verdicts_for_two, verdicts = results[1]["rooms"], results[2]["rooms"]
+    assert list(verdicts) == env.catalog.room_ids
+    assert verdicts["Nova"].startswith("PASSES (slack 0,")
+    assert [room for room, verdict in verdicts.items() if verdict.startswith("PASSES")] == ["Nova"]
+    assert "too small" in verdicts["Lyra"] and "too small" not in verdicts_for_two["Lyra"]
+    assert env.answer_of(spans) == "Nova"
+
+
 def test_tool_agent_stops_after_max_turns(scripted: Any, public: list[Task], catalog: Catalog) -> None:
     chat = scripted([{"tool_calls": [_tool_call(f"c{i}", TOOL_NAME, GOOD_ARGS)]} for i in range(2)])
     agent = make_agent("tool", catalog, max_turns=2)
@@ -703,6 +742,42 @@ def test_teacher_sends_the_inline_request_with_the_solvers_answer(
     assert teacher.pop("rltrain_completion") == " Nova"  # after the prefix: "final_choice: Nova"
     assert teacher == inline
     assert plain["rltrain_completion"] == "final_choice: Nova" and "continue_final_message" not in plain
+
+
+def test_passing_style_teacher_copies_the_passing_rooms_then_chooses(
+    scripted: Any, public: list[Task], catalog: Catalog
+) -> None:
+    """``answer_style: passing``: the prompts ask for the passing rooms first and the inline answer prefix is
+    ``passing:``; the teacher's reply lists the rooms that pass in catalog order with their tie-break values,
+    then the solver's choice, which the grade reads; ``passing: none`` when no room passes."""
+    env = get_env("room_selection", room_lines="brief", answer_style="passing")
+    prompts = env.default_prompts("teacher")
+    assert prompts["answer_prefix"].template == "passing:" and "passing: <ROOM_ID" in prompts["system"].template
+    assert "passing: <ROOM_ID" in env.default_prompts("tool")["system"].template
+    assert env.default_prompts("tool")["system"].template.count("final_choice:") == 1
+    task = next(t for t in public if sum(c.passes for c in check_rooms(request_of(t.payload), catalog)) >= 2)
+    request = request_of(task.payload)
+    passing = [c for c in check_rooms(request, catalog) if c.passes]  # more than one: the tie-breaks decide
+    chat = scripted([{"content": "echo"}])
+    resources = Resources(llm=_resources("teacher", chat.base_url).llm, prompts=prompts)
+    env.agent("teacher")(task.payload, resources)
+    (sent,) = chat.requests
+    reply = sent["rltrain_completion"]
+    first, second = reply.split("\n")
+    assert first == " " + ", ".join(
+        f"{c.room.id} (slack {c.capacity_slack}, extra {c.extra_equipment}, {c.room.distance_m} m, "
+        f"{c.bookings_that_day} bookings)" for c in passing
+    )
+    assert second == f"final_choice: {solve(request, catalog)}"
+    assert sent["messages"][-1] == {"role": "assistant", "content": "passing:"}
+    assert grade("passing:" + reply, task.payload["expected_choice"], catalog.room_ids).correct
+    none_task = next(t for t in public if t.payload["expected_choice"] == NO_ROOM)
+    chat = scripted([{"content": "echo"}])
+    resources = Resources(llm=_resources("teacher", chat.base_url).llm, prompts=prompts)
+    env.agent("teacher")(none_task.payload, resources)
+    assert chat.requests[0]["rltrain_completion"] == " none\nfinal_choice: No Room"
+    with pytest.raises(ValueError, match="answer_style must be one of"):
+        get_env("room_selection", answer_style="explained")
 
 
 def test_agent_names_a_missing_prompt(public: list[Task]) -> None:

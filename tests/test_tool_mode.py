@@ -121,12 +121,18 @@ def test_tool_teacher_demonstrations_are_one_row_per_rollout_with_tool_results_m
             sft_dataset(rows, longest - 1)  # never cut: the cut would be the answer
 
 
-def test_tool_teacher_on_random_catalogs_gets_each_tasks_own_rooms(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("tool_result", ["brief", "checks"])
+def test_tool_teacher_on_random_catalogs_gets_each_tasks_own_rooms(
+    tmp_path: Path, tiny_model_dir: Path, tool_result: str
+) -> None:
     """Through the gateway and the real tool: each task's tool result lists its own catalog's rooms, and the
-    solver's answer on that catalog is the reward-1.0 demonstration."""
-    recipe = tool_recipe(tmp_path, tiny_model_dir)
+    solver's answer on that catalog is the reward-1.0 demonstration; the ``checks`` tool's call carries the
+    whole request and its result the verdict that makes the solver's answer the best passing room."""
+    # the checks tool's call carries the whole request: ~80 tokens of the tiny tokenizer, more than TOOL_SAMPLING's
+    sampling = {phase: {**params, "max_tokens": 160} for phase, params in TOOL_SAMPLING.items()}
+    recipe = tool_recipe(tmp_path, tiny_model_dir, sampling)
     recipe = recipe.model_copy(update={
-        "env": recipe.env.model_copy(update={"options": {"tool_result": "brief"}}),
+        "env": recipe.env.model_copy(update={"options": {"tool_result": tool_result}}),
         "data": recipe.data.model_copy(update={"train": "generated:n=3,seed=5,catalogs=random"}),
     })
     with tool_demonstrations(recipe, tiny_model_dir) as (trainer, rows, _, _, _):
@@ -136,9 +142,15 @@ def test_tool_teacher_on_random_catalogs_gets_each_tasks_own_rooms(tmp_path: Pat
         for rollout_ in rollouts:
             own = Catalog.model_validate(rollout_.task.payload["catalog"])
             [tool] = [s for s in trainer.store.get_spans(rollout_.rollout_id) if s.kind is SpanKind.TOOL]
-            assert [room["id"] for room in tool.attributes["result"]["rooms"]] == own.room_ids
-            assert rollout_.reward == 1.0
-            assert rollout_.task.payload["expected_choice"] == solve(request_of(rollout_.task.payload), own)
+            rooms = tool.attributes["result"]["rooms"]
+            request = request_of(rollout_.task.payload)
+            expected = rollout_.task.payload["expected_choice"]
+            assert rollout_.reward == 1.0 and expected == solve(request, own)
+            if tool_result == "checks":
+                assert tool.attributes["arguments"] == request.model_dump() and list(rooms) == own.room_ids
+                assert expected == "No Room" or rooms[expected].startswith("PASSES")
+            else:
+                assert [room["id"] for room in rooms] == own.room_ids
             rooms_seen.append(own.room_ids)
         assert len({tuple(ids) for ids in rooms_seen}) == 3
 

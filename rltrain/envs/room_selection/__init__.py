@@ -12,7 +12,10 @@ demonstrations), ``solver`` (no model; the reference agent).
 
 Options (``env.options`` in a recipe): ``catalog`` (a catalog file; the packaged seven rooms by default),
 ``room_lines`` (``full`` or ``brief``: how the inline prompt writes each room's checks, see :mod:`.prompts`) and
-``tool_result`` (``full`` or ``brief``: what the tool returns for each room, see :mod:`.tools`).
+``tool_result`` (``full``, ``brief`` or ``checks``: which tool the tool agents call and what it returns for
+each room, see :mod:`.tools`; ``checks`` is a search that takes the whole request and returns each room's
+verdict) and ``answer_style`` (``choice`` or ``passing``: one ``final_choice`` line, or the rooms that pass
+copied first, see :mod:`.prompts`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from pathlib import Path
 from rltrain.agent import Agent
 from rltrain.envs.room_selection.agent import AGENT_MODES, GRADE_SPAN, catalog_for, make_agent
 from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
-from rltrain.envs.room_selection.prompts import DEFAULT_PROMPTS, ROOM_LINES, RoomLines, default_prompts
+from rltrain.envs.room_selection.prompts import (
+    ANSWER_STYLES,
+    DEFAULT_PROMPTS,
+    ROOM_LINES,
+    AnswerStyle,
+    RoomLines,
+    default_prompts,
+)
 from rltrain.envs.room_selection.schema import NO_ROOM
 from rltrain.envs.room_selection.solver import check_rooms
 from rltrain.envs.room_selection.tasks import request_of, resolve_tasks
@@ -36,7 +46,11 @@ class RoomSelectionEnv:
     name = "room_selection"
 
     def __init__(
-        self, catalog: str | Path = "reference", room_lines: RoomLines = "full", tool_result: ToolResult = "full"
+        self,
+        catalog: str | Path = "reference",
+        room_lines: RoomLines = "full",
+        tool_result: ToolResult = "full",
+        answer_style: AnswerStyle = "choice",
     ) -> None:
         if room_lines not in ROOM_LINES:
             raise ValueError(f"room_selection option room_lines must be one of {list(ROOM_LINES)}, got {room_lines!r}")
@@ -44,11 +58,16 @@ class RoomSelectionEnv:
             raise ValueError(
                 f"room_selection option tool_result must be one of {list(TOOL_RESULTS)}, got {tool_result!r}"
             )
+        if answer_style not in ANSWER_STYLES:
+            raise ValueError(
+                f"room_selection option answer_style must be one of {list(ANSWER_STYLES)}, got {answer_style!r}"
+            )
         path = reference_catalog_path() if str(catalog) == "reference" else Path(catalog)
         self.catalog_path = path
         self.catalog: Catalog = load_catalog(path)
         self.room_lines: RoomLines = room_lines
         self.tool_result: ToolResult = tool_result
+        self.answer_style: AnswerStyle = answer_style
         self._agents: dict[str, Agent] = {}
 
     def load_tasks(self, spec: str) -> list[Task]:
@@ -57,7 +76,8 @@ class RoomSelectionEnv:
     def agent(self, mode: str) -> Agent:
         if mode not in self._agents:
             self._agents[mode] = make_agent(
-                mode, self.catalog, room_lines=self.room_lines, tool_result=self.tool_result
+                mode, self.catalog, room_lines=self.room_lines, tool_result=self.tool_result,
+                answer_style=self.answer_style,
             )
         return self._agents[mode]
 
@@ -70,7 +90,7 @@ class RoomSelectionEnv:
             raise ValueError(
                 f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}"
             )
-        return default_prompts(mode) if mode in DEFAULT_PROMPTS else {}
+        return default_prompts(mode, self.tool_result, self.answer_style) if mode in DEFAULT_PROMPTS else {}
 
     def answer_space(self) -> list[str]:
         """The environment catalog's answers; a task carrying its own catalog is graded against that one's."""
@@ -112,7 +132,7 @@ class RoomSelectionEnv:
     def __repr__(self) -> str:
         return (
             f"RoomSelectionEnv(catalog={str(self.catalog_path)!r}, room_lines={self.room_lines!r}, "
-            f"tool_result={self.tool_result!r})"
+            f"tool_result={self.tool_result!r}, answer_style={self.answer_style!r})"
         )
 
 

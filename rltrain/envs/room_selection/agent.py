@@ -50,16 +50,23 @@ from pydantic import ValidationError
 
 from rltrain.agent import Agent, current_context, emit_reward, rollout
 from rltrain.envs.room_selection.catalog import Catalog, CatalogError, load_catalog, reference_catalog_path
-from rltrain.envs.room_selection.prompts import ROOM_LINES, RoomLines, prompt_values
+from rltrain.envs.room_selection.prompts import (
+    ANSWER_STYLES,
+    ROOM_LINES,
+    AnswerStyle,
+    RoomLines,
+    prompt_values,
+    teacher_answer,
+)
 from rltrain.envs.room_selection.schema import describe_validation_error
 from rltrain.envs.room_selection.solver import grade, solve
 from rltrain.envs.room_selection.tasks import RoomRequest, request_of
 from rltrain.envs.room_selection.tools import (
-    TOOL_DEFINITIONS,
     TOOL_NAME,
     TOOL_RESULTS,
     ToolResult,
     execute_tool_call,
+    tool_definitions,
 )
 from rltrain.types import LLMResource, PromptTemplate, Resources, SpanKind
 
@@ -147,20 +154,22 @@ def _answer_with_tools(
     *,
     teacher: bool = False,
     tool_result: ToolResult = "full",
+    answer_style: AnswerStyle = "choice",
 ) -> str:
     """Chat with tools until the model answers without calling one (or ``max_turns`` calls are spent).
 
     As the ``teacher``, every reply is given instead of sampled (:func:`_teacher_replies`); the conversation,
     tools and tool execution are the same, so the demonstration is what the policy's own rollout looks like."""
     messages = _opening_messages("tool", request, resources, catalog)
-    given = iter(_teacher_replies(request, catalog)) if teacher else None
+    given = iter(_teacher_replies(request, catalog, tool_result, answer_style)) if teacher else None
+    tools = tool_definitions(tool_result)
     with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
         for _ in range(max_turns):
             reply = next(given, None) if given is not None else None
             response = client.chat.completions.create(
                 model=resources.llm.model,
                 messages=messages,  # type: ignore[arg-type]
-                tools=TOOL_DEFINITIONS,  # type: ignore[arg-type]
+                tools=tools,  # type: ignore[arg-type]
                 tool_choice="auto",
                 **_sampling(resources.llm),
                 extra_body={"rltrain_completion": reply} if reply is not None else None,
@@ -190,14 +199,21 @@ def _answer_with_tools(
     return message.content or ""
 
 
-def _teacher_replies(request: RoomRequest, catalog: Catalog) -> list[str]:
-    """The tool teacher's two replies: the tool call for the request's slot, written in the gateway's tool-call
-    format (the one the model is asked for, natively or through the fallback prompt), then the answer."""
+def _teacher_replies(
+    request: RoomRequest, catalog: Catalog, tool_result: ToolResult = "full", answer_style: AnswerStyle = "choice"
+) -> list[str]:
+    """The tool teacher's two replies: the tool call for the request's slot (the whole request for the
+    ``checks`` tool), written in the gateway's tool-call format (the one the model is asked for, natively or
+    through the fallback prompt), then the answer in ``answer_style``."""
     # Imported here: the format lives with the gateway's parser, whose package pulls in the HTTP server.
     from rltrain.gateway.tool_calls import format_tool_call
 
-    query = {"date": request.date, "time": request.time, "duration_min": request.duration_min}
-    return [format_tool_call(TOOL_NAME, query), f"final_choice: {solve(request, catalog)}"]
+    query: dict[str, Any] = (
+        request.model_dump()
+        if tool_result == "checks"
+        else {"date": request.date, "time": request.time, "duration_min": request.duration_min}
+    )
+    return [format_tool_call(TOOL_NAME, query), teacher_answer(request, catalog, answer_style)]
 
 
 def _inline_request(
@@ -230,14 +246,23 @@ def _answer_inline(
 
 
 def _answer_as_teacher(
-    request: RoomRequest, resources: Resources, catalog: Catalog, *, room_lines: RoomLines = "full"
+    request: RoomRequest,
+    resources: Resources,
+    catalog: Catalog,
+    *,
+    room_lines: RoomLines = "full",
+    answer_style: AnswerStyle = "choice",
 ) -> str:
-    """The inline call with the solver's answer as the given reply: after the default prefix ``final_choice:``
-    the reply is `` Lyra``, so prefix + reply reads ``final_choice: Lyra``, as the student should write it."""
+    """The inline call with the solver's answer (in ``answer_style``) as the given reply: after the default
+    prefix ``final_choice:`` the reply is `` Lyra``, so prefix + reply reads ``final_choice: Lyra``, as the
+    student should write it. After another prefix the reply is the room alone (``choice``) or the whole
+    answer on the next line (``passing``)."""
     messages, prefix, extra_body = _inline_request(request, resources, catalog, room_lines)
-    room = solve(request, catalog)
-    answer = f"final_choice: {room}"
-    reply = answer[len(prefix):] if answer.startswith(prefix) else f" {room}"
+    answer = teacher_answer(request, catalog, answer_style)
+    if answer.startswith(prefix):
+        reply = answer[len(prefix):]
+    else:
+        reply = f" {solve(request, catalog)}" if answer_style == "choice" else f"\n{answer}"
     with OpenAI(base_url=resources.llm.base_url, api_key=resources.llm.api_key) as client:
         response = client.chat.completions.create(
             model=resources.llm.model,
@@ -288,10 +313,14 @@ def make_agent(
     max_turns: int = DEFAULT_MAX_TURNS,
     room_lines: RoomLines = "full",
     tool_result: ToolResult = "full",
+    answer_style: AnswerStyle = "choice",
 ) -> Agent:
     """The agent of ``mode`` (see :data:`AGENT_MODES`) answering against ``catalog`` (the reference catalog when
     ``None``); ``max_turns`` bounds the chat calls of the tool agents, ``room_lines`` is how the inline prompt
-    writes the rooms (``full`` or ``brief``), ``tool_result`` what the tool returns (``full`` or ``brief``)."""
+    writes the rooms (``full`` or ``brief``), ``tool_result`` which tool the tool agents call (``full``,
+    ``brief`` or ``checks``, see :data:`.tools.TOOL_RESULTS`), ``answer_style`` how the teachers answer
+    (``choice`` or ``passing``, see :data:`.prompts.ANSWER_STYLES`; the student is asked for it by the default
+    prompts of the same style)."""
     if mode not in AGENT_MODES:
         raise ValueError(f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}")
     if max_turns < 1:
@@ -300,12 +329,15 @@ def make_agent(
         raise ValueError(f"room_lines must be one of {list(ROOM_LINES)}, got {room_lines!r}")
     if tool_result not in TOOL_RESULTS:
         raise ValueError(f"tool_result must be one of {list(TOOL_RESULTS)}, got {tool_result!r}")
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"answer_style must be one of {list(ANSWER_STYLES)}, got {answer_style!r}")
     answerers: dict[str, Answerer] = {
         "tool": functools.partial(_answer_with_tools, max_turns=max_turns, tool_result=tool_result),
         "inline": functools.partial(_answer_inline, room_lines=room_lines),
-        "teacher": functools.partial(_answer_as_teacher, room_lines=room_lines),
+        "teacher": functools.partial(_answer_as_teacher, room_lines=room_lines, answer_style=answer_style),
         "tool_teacher": functools.partial(
-            _answer_with_tools, max_turns=max_turns, teacher=True, tool_result=tool_result
+            _answer_with_tools, max_turns=max_turns, teacher=True, tool_result=tool_result,
+            answer_style=answer_style,
         ),
         "solver": _answer_with_solver,
     }

@@ -28,12 +28,21 @@ from __future__ import annotations
 from typing import Literal
 
 from rltrain.envs.room_selection.catalog import Catalog
-from rltrain.envs.room_selection.solver import RoomCheck, check_rooms
+from rltrain.envs.room_selection.solver import RoomCheck, check_rooms, solve
 from rltrain.envs.room_selection.tasks import RoomRequest
 from rltrain.types import PromptTemplate
 
 RoomLines = Literal["full", "brief"]
 ROOM_LINES: tuple[RoomLines, ...] = ("full", "brief")
+
+AnswerStyle = Literal["choice", "passing"]
+ANSWER_STYLES: tuple[AnswerStyle, ...] = ("choice", "passing")
+"""How the agent is asked to answer, and how the teachers answer: ``choice`` is one line, ``final_choice: <room>``;
+``passing`` first copies every room that passes, with its tie-break values, then chooses
+(``passing: Lyra (slack 2, extra 1, 20 m, 0 bookings), Nova (slack 0, ...)`` / ``final_choice: Nova``; ``passing:
+none`` / ``final_choice: No Room``). The grade reads the ``final_choice`` line either way. ``passing`` splits
+the decision into two steps a small model can learn from few demonstrations on catalogs whose room names
+change from task to task: find the lines that say PASSES (copying), then take the smallest values among a few."""
 
 REQUEST_FIELDS = ["date", "time", "duration_min", "attendees", "needs", "accessible_required"]
 
@@ -50,6 +59,12 @@ _RULES = (
 )
 
 _FORMAT = "Answer with one line:\nfinal_choice: <ROOM_ID or No Room>"
+_PASSING_FORMAT = (
+    "Answer with two lines: first every room that PASSES with its values, then the best of them:\n"
+    "passing: <ROOM_ID (slack, extra, distance, bookings), ... or none>\n"
+    "final_choice: <ROOM_ID or No Room>"
+)
+_PASSING_PREFIX = "passing:"
 
 TOOL_PROMPTS: dict[str, PromptTemplate] = {
     "system": PromptTemplate(
@@ -68,6 +83,22 @@ TOOL_PROMPTS: dict[str, PromptTemplate] = {
         placeholders=REQUEST_FIELDS,
     ),
 }
+
+CHECKS_TOOL_PROMPTS: dict[str, PromptTemplate] = {
+    "system": PromptTemplate(
+        template=(
+            "You are a scheduling assistant. First call get_rooms_and_availability with the request's date, "
+            "time, duration_min, attendees, needs and accessible_required; it says for every room whether it "
+            "PASSES (with its capacity slack, extra equipment, distance and bookings that day) or FAILS.\n"
+            "Pick the best room that PASSES: smallest slack, then least extra equipment, then shortest "
+            "distance, then fewest bookings. If none passes: No Room.\n"
+            f"{_FORMAT}"
+        )
+    ),
+    "user": TOOL_PROMPTS["user"],
+}
+"""The tool agents' templates when the tool is the ``checks`` search (see :data:`.tools.TOOL_RESULTS`): the
+tool does the four checks, so the rules shrink to the tie-breaks."""
 
 INLINE_PROMPTS: dict[str, PromptTemplate] = {
     "system": PromptTemplate(template=f"You are a scheduling assistant.\n{_RULES}\n{_FORMAT}"),
@@ -91,13 +122,26 @@ DEFAULT_PROMPTS: dict[str, dict[str, PromptTemplate]] = {
 }
 
 
-def default_prompts(mode: str) -> dict[str, PromptTemplate]:
-    """A fresh copy of the default templates of ``mode`` (``tool``, ``inline`` or ``teacher``)."""
+def default_prompts(
+    mode: str, tool_result: str = "full", answer_style: AnswerStyle = "choice"
+) -> dict[str, PromptTemplate]:
+    """A fresh copy of the default templates of ``mode`` (``tool``, ``inline``, ``teacher`` or
+    ``tool_teacher``); the tool modes' templates describe the tool ``tool_result`` names, and every mode's
+    system prompt asks for the ``answer_style`` (with ``passing``, the inline answer prefix is ``passing:``)."""
     if mode not in DEFAULT_PROMPTS:
         raise ValueError(
             f"no default prompts for agent mode {mode!r}; modes with prompts: {sorted(DEFAULT_PROMPTS)}"
         )
-    return {name: template.model_copy(deep=True) for name, template in DEFAULT_PROMPTS[mode].items()}
+    templates = DEFAULT_PROMPTS[mode]
+    if tool_result == "checks" and templates is TOOL_PROMPTS:
+        templates = CHECKS_TOOL_PROMPTS
+    copies = {name: template.model_copy(deep=True) for name, template in templates.items()}
+    if answer_style == "passing":
+        system = copies["system"]
+        copies["system"] = system.model_copy(update={"template": system.template.replace(_FORMAT, _PASSING_FORMAT)})
+        if "answer_prefix" in copies:
+            copies["answer_prefix"] = PromptTemplate(template=_PASSING_PREFIX)
+    return copies
 
 
 def _yes_no(value: bool) -> str:
@@ -129,9 +173,27 @@ def describe_check(check: RoomCheck, attendees: int) -> str:
     )
 
 
-def describe_check_brief(check: RoomCheck) -> str:
-    """One room in a few tokens: ``FAILS`` and the checks it fails, or ``PASSES`` and its tie-break values."""
-    room = check.room
+def tie_break_values(check: RoomCheck) -> str:
+    """A passing room's tie-break values in a few tokens: ``slack 2, extra 1, 20 m, 0 bookings``."""
+    return (
+        f"slack {check.capacity_slack}, extra {check.extra_equipment}, {check.room.distance_m} m, "
+        f"{check.bookings_that_day} bookings"
+    )
+
+
+def teacher_answer(request: RoomRequest, catalog: Catalog, answer_style: AnswerStyle = "choice") -> str:
+    """The answer a teacher demonstrates in ``answer_style`` (see :data:`ANSWER_STYLES`): the solver's choice,
+    after the passing rooms (in catalog order, with their tie-break values) for ``passing``."""
+    choice = f"final_choice: {solve(request, catalog)}"
+    if answer_style == "choice":
+        return choice
+    passing = [f"{check.room.id} ({tie_break_values(check)})" for check in check_rooms(request, catalog) if check.passes]
+    return f"{_PASSING_PREFIX} {', '.join(passing) or 'none'}\n{choice}"
+
+
+def brief_verdict(check: RoomCheck) -> str:
+    """One room's verdict in a few tokens: ``FAILS`` and the checks it fails, or ``PASSES`` and its tie-break
+    values (also what the ``checks`` tool returns for each room)."""
     if not check.passes:
         failed = [
             *(["busy"] if not check.free else []),
@@ -139,11 +201,13 @@ def describe_check_brief(check: RoomCheck) -> str:
             *([f"no {', '.join(check.missing_needs)}"] if check.missing_needs else []),
             *(["not accessible"] if not check.accessible_ok else []),
         ]
-        return f"- {room.id}: FAILS ({'; '.join(failed)})"
-    return (
-        f"- {room.id}: PASSES (slack {check.capacity_slack}, extra {check.extra_equipment}, "
-        f"{room.distance_m} m, {check.bookings_that_day} bookings)"
-    )
+        return f"FAILS ({'; '.join(failed)})"
+    return f"PASSES ({tie_break_values(check)})"
+
+
+def describe_check_brief(check: RoomCheck) -> str:
+    """One room's line in the ``brief`` inline prompt: its id and :func:`brief_verdict`."""
+    return f"- {check.room.id}: {brief_verdict(check)}"
 
 
 def prompt_values(

@@ -14,17 +14,23 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from rltrain.agent import tool_span
 from rltrain.envs.room_selection.catalog import Catalog
+from rltrain.envs.room_selection.prompts import brief_verdict
 from rltrain.envs.room_selection.schema import Clock, IsoDate, describe_validation_error
+from rltrain.envs.room_selection.solver import check_rooms
+from rltrain.envs.room_selection.tasks import RoomRequest
 
 TOOL_NAME = "get_rooms_and_availability"
 
-ToolResult = Literal["full", "brief"]
-TOOL_RESULTS: tuple[ToolResult, ...] = ("full", "brief")
-"""What the tool returns for each room: ``full`` is the catalog's record (every booking of every day, as the
-seed's tool does: ~100 tokens a room) plus ``free``; ``brief`` keeps what the checks and tie-breaks read
-(capacity, equipment, accessibility, distance, ``free`` and the number of bookings on the queried day:
-~30 tokens a room). The same decision either way; ``brief`` makes a tool rollout of SmolLM2 about half as
-long, which is what a CPU warm start pays for."""
+ToolResult = Literal["full", "brief", "checks"]
+TOOL_RESULTS: tuple[ToolResult, ...] = ("full", "brief", "checks")
+"""What the tool is: ``full`` (the seed's tool) takes the slot and returns the catalog's record of each room
+(every booking of every day: ~100 tokens a room) plus ``free``; ``brief`` takes the slot and keeps what the
+checks and tie-breaks read (capacity, equipment, accessibility, distance, ``free`` and the number of bookings
+on the queried day: ~30 tokens a room). With both the model compares capacities and equipment itself.
+``checks`` is a search API: it takes the whole request (slot, ``attendees``, ``needs``,
+``accessible_required``) and returns each room's verdict, ``PASSES`` with its tie-break values or ``FAILS``
+with the checks it fails (~12 tokens a room, the inline ``brief`` room lines): the model must copy the
+request into the call correctly (a wrong head count gives wrong verdicts) and pick the best passing room."""
 
 
 class ToolCallError(ValueError):
@@ -41,10 +47,24 @@ class AvailabilityQuery(BaseModel):
     duration_min: PositiveInt = Field(description="Meeting duration minutes")
 
 
-def _parameters_schema() -> dict[str, Any]:
-    """The JSON schema of :class:`AvailabilityQuery` without pydantic's titles and docstring, which only
-    lengthen what the model reads."""
-    schema = AvailabilityQuery.model_json_schema()
+class SearchQuery(AvailabilityQuery):
+    """The arguments of the ``checks`` tool: the slot and the request's requirements."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title=TOOL_NAME)
+
+    attendees: PositiveInt = Field(description="Number of attendees")
+    needs: list[str] = Field(description="Equipment needed, e.g. projector")
+    accessible_required: bool = Field(description="Whether the room must be accessible")
+
+
+def _query_model(result: ToolResult) -> type[AvailabilityQuery]:
+    return SearchQuery if result == "checks" else AvailabilityQuery
+
+
+def _parameters_schema(result: ToolResult) -> dict[str, Any]:
+    """The JSON schema of the tool's arguments without pydantic's titles and docstring, which only lengthen
+    what the model reads."""
+    schema = _query_model(result).model_json_schema()
     properties = {
         name: {key: value for key, value in prop.items() if key != "title"}
         for name, prop in schema["properties"].items()
@@ -57,27 +77,52 @@ def _parameters_schema() -> dict[str, Any]:
     }
 
 
-TOOL_DEFINITIONS: list[dict[str, Any]] = [
-    {
-        "type": "function",
-        "function": {
-            "name": TOOL_NAME,
-            "description": (
-                "Return meeting rooms with capacity, equipment, accessibility, distance, booked time slots, "
-                "and whether each is free for the given slot."
-            ),
-            "parameters": _parameters_schema(),
-        },
-    }
-]
-"""The ``tools=`` argument of the chat call (OpenAI function-calling format)."""
+_DESCRIPTIONS: dict[ToolResult, str] = {
+    "full": (
+        "Return meeting rooms with capacity, equipment, accessibility, distance, booked time slots, "
+        "and whether each is free for the given slot."
+    ),
+    "brief": (
+        "Return meeting rooms with capacity, equipment, accessibility, distance, bookings that day, "
+        "and whether each is free for the given slot."
+    ),
+    "checks": (
+        "Check every meeting room against a request: PASSES with its capacity slack, extra equipment, "
+        "distance and bookings that day, or FAILS with the checks it fails."
+    ),
+}
+
+
+def tool_definitions(result: ToolResult = "full") -> list[dict[str, Any]]:
+    """The ``tools=`` argument of the chat call (OpenAI function-calling format) for the tool ``result`` names."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": TOOL_NAME,
+                "description": _DESCRIPTIONS[result],
+                "parameters": _parameters_schema(result),
+            },
+        }
+    ]
+
+
+TOOL_DEFINITIONS: list[dict[str, Any]] = tool_definitions("full")
+"""The seed's tool (``full``), as an OpenAI ``tools=`` argument."""
+
+
+def _verdict(request: RoomRequest, catalog: Catalog) -> dict[str, str]:
+    """Each room's verdict in the words of the inline ``brief`` room lines, keyed by room id."""
+    return {check.room.id: brief_verdict(check) for check in check_rooms(request, catalog)}
 
 
 def get_rooms_and_availability(
     catalog: Catalog, query: AvailabilityQuery, result: ToolResult = "full"
 ) -> dict[str, Any]:
-    """Every room with its details and ``free``: whether it is free for the whole queried slot (``result``:
-    see :data:`TOOL_RESULTS`)."""
+    """Every room with its details and ``free``: whether it is free for the whole queried slot; for
+    ``checks``, every room's verdict against the queried request (``result``: see :data:`TOOL_RESULTS`)."""
+    if isinstance(query, SearchQuery):
+        return {"rooms": _verdict(RoomRequest.model_validate(query.model_dump()), catalog)}
     rooms = []
     for room in catalog.rooms:
         free = room.is_free(query.date, query.time, query.duration_min)
@@ -89,8 +134,9 @@ def get_rooms_and_availability(
     return {"rooms": rooms}
 
 
-def parse_tool_call(name: str, arguments: str) -> AvailabilityQuery:
-    """Check a tool call as the model wrote it (name and JSON argument string) against the schema."""
+def parse_tool_call(name: str, arguments: str, result: ToolResult = "full") -> AvailabilityQuery:
+    """Check a tool call as the model wrote it (name and JSON argument string) against the schema of the tool
+    ``result`` names."""
     if name != TOOL_NAME:
         raise ToolCallError(f"unknown tool {name!r}; the only tool is {TOOL_NAME!r}")
     try:
@@ -100,7 +146,7 @@ def parse_tool_call(name: str, arguments: str) -> AvailabilityQuery:
     if not isinstance(decoded, dict):
         raise ToolCallError(f"arguments must be a JSON object, got {type(decoded).__name__}")
     try:
-        return AvailabilityQuery.model_validate(decoded)
+        return _query_model(result).model_validate(decoded)
     except ValidationError as exc:
         raise ToolCallError(f"invalid arguments: {describe_validation_error(exc)}") from exc
 
@@ -118,7 +164,9 @@ def execute_tool_call(
         recorded = {"raw": arguments}
     try:
         with tool_span(name, recorded) as call:
-            call.result = get_rooms_and_availability(catalog, parse_tool_call(name, arguments), result)
+            call.result = get_rooms_and_availability(
+                catalog, parse_tool_call(name, arguments, result), result
+            )
     except ToolCallError as exc:
         return {"error": str(exc)}
     return call.result
