@@ -193,6 +193,7 @@ class TransformersEngine:
         self._stats_lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._closed = False
+        self._serving: list[_Pending] = []  # the batch being decoded, which close() stops
         #: why the worker thread died (``None`` while it runs); a dead engine refuses every request with it
         self.failure: str | None = None
         self._state_lock = threading.Lock()
@@ -256,11 +257,17 @@ class TransformersEngine:
         return await future
 
     def close(self) -> None:
-        """Serve what is already queued, then stop the worker thread. Later ``generate`` calls fail."""
+        """Stop the worker thread promptly: the batch being decoded stops at its next step, and it and every
+        queued request fail with :class:`EngineError`; later ``generate`` calls fail too. Queued work is not
+        served first: an engine closes when its run ends or is interrupted, when the gateway has already
+        stopped and no caller is left to read a result (draining an evaluation's queue after Ctrl-C or SIGTERM
+        took minutes on CPU)."""
         with self._state_lock:
             if self._closed:
                 return
             self._closed = True
+            for pending in self._serving:
+                pending.cancelled = True
             self._queue.put(_STOP)
         self._worker.join()
 
@@ -355,7 +362,13 @@ class TransformersEngine:
 
     def _serve(self, batch: list[_Pending]) -> None:
         """Decode one collected batch and settle its futures; never raises (the worker must survive)."""
-        live = [pending for pending in batch if not pending.cancelled]  # skip callers that gave up
+        with self._state_lock:
+            if self._closed:  # what was queued before close() fails: see close()
+                for pending in batch:
+                    _settle(pending, EngineError(self._refusal()))
+                return
+            live = [pending for pending in batch if not pending.cancelled]  # skip callers that gave up
+            self._serving = live
         if not live:
             return
         try:
@@ -374,7 +387,13 @@ class TransformersEngine:
                 error.__cause__ = exc
                 _settle(pending, error)
             return
+        finally:
+            with self._state_lock:
+                self._serving = []
         for pending, rows in zip(live, rows_per_request, strict=True):
+            if pending.cancelled:  # its rows stopped early: the caller gave up, or close() stopped the batch
+                _settle(pending, EngineError(self._refusal() if self._closed else "request cancelled"))
+                continue
             result = GenerationResult(
                 completions=[row.completion() for row in rows], policy_version=version, model=self.model_name
             )

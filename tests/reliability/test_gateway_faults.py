@@ -9,6 +9,7 @@ first chunk carried, how many tokens the engine sampled for a request whose clie
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -22,6 +23,7 @@ import httpx
 import pytest
 from live_gateway import QUESTION, error_of, serve, start_rollouts
 
+from rltrain.engines.base import EngineError, GenerationRequest
 from rltrain.engines.transformers import TransformersEngine
 from rltrain.gateway.completions import DEFAULT_MAX_TOKENS
 from rltrain.gateway.schemas import ChatCompletionRequest
@@ -133,6 +135,31 @@ def test_a_client_that_hangs_up_cancels_its_generation(engine: TransformersEngin
         assert sampled < n * 50, f"the engine sampled {sampled} tokens for a client that hung up"
         after = httpx.post(f"{served.url}/v1/chat/completions", json=_request(engine, max_tokens=2), timeout=60)
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
+
+
+def test_closing_the_engine_stops_its_batch_and_fails_what_is_queued(tiny_model_dir: Any) -> None:
+    """What the serving stack does when a run ends or is interrupted (Ctrl-C, SIGTERM, an error), after the
+    gateway has stopped and no caller is left: the batch being decoded stops at its next step and every queued
+    request fails, instead of being served first (an interrupted evaluation's queue took minutes to drain)."""
+    engine = TransformersEngine.from_pretrained(str(tiny_model_dir), max_batch_size=1)
+    prompt = engine.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False)
+    request = GenerationRequest(prompt_ids=prompt, max_tokens=1500, temperature=1.0, seed=11)
+
+    async def interrupted(gate: ForwardGate) -> list[Any]:
+        waiting = [asyncio.ensure_future(engine.generate(request)) for _ in range(4)]  # one decoding, 3 queued
+        await asyncio.to_thread(_wait_for, lambda: engine.stats.generated_tokens > 0, "the first token")
+        closing = asyncio.ensure_future(asyncio.to_thread(engine.close))
+        await asyncio.to_thread(_wait_for, lambda: engine._closed, "close()")
+        gate.free()
+        await closing
+        return await asyncio.gather(*waiting, return_exceptions=True)
+
+    with gated(engine, permits=3) as gate:
+        outcomes = asyncio.run(interrupted(gate))
+    assert [type(outcome) for outcome in outcomes] == [EngineError] * 4
+    assert all("is closed" in str(outcome) for outcome in outcomes)
+    assert engine.stats.generated_tokens < 50, "closing served the batch or the queue (4 x 1500 tokens asked)"
 
 
 def test_default_max_tokens_is_bounded(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> None:
