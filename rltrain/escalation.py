@@ -217,7 +217,10 @@ class Ladder:
             prompts = best_prompts(self.recipe.prompts, self.root / "apo", self.recipe.apo.prompt)
         rl_dir = self.root / "rl"
         resume = (rl_dir / "checkpoints").exists() or (rl_dir / "warm_start").exists()
-        rl = Trainer(self._sub_recipe("rl", apo=None, prompts=prompts), progress=self.progress)
+        # The baseline / APO rung already scored the base model with these prompts: not again before the warm start.
+        warm = self.recipe.warm_start
+        warm = warm.model_copy(update={"validate_base": False}) if warm is not None else None
+        rl = Trainer(self._sub_recipe("rl", apo=None, prompts=prompts, warm_start=warm), progress=self.progress)
         try:
             final = rl.fit(resume=resume, stop_at=self.target)
             ended = time.time()

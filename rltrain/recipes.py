@@ -507,6 +507,12 @@ class WarmStartConfig(_Section):
         "(room_selection: `teacher`, the solver's answer sent through the gateway).",
     )
     tasks: str | None = Field(default=None, description="Task spec to collect on (None = data.train).")
+    validate_base: bool = Field(
+        default=True,
+        description="Validate the base model (greedy, data.val and data.extra_eval) before collecting "
+        "demonstrations, logged as `baseline`. `rltrain escalate` turns it off: its baseline or APO rung has "
+        "already scored the same model with the same prompts.",
+    )
     samples_per_task: int = Field(
         default=4, ge=1, description="Rejection sampling (`self`): rollouts per task, at sampling.train."
     )

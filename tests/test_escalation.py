@@ -65,6 +65,10 @@ def test_the_whole_ladder_runs_and_is_reported(tmp_path: Path, tiny_model_dir: P
     best = (run / "apo" / "apo" / "best_prompt.txt").read_text()
     assert best == SEED
     assert yaml.safe_load((run / "rl" / "recipe.yaml").read_text())["prompts"]["user"] == best
+    # the base model is scored once, by the baseline rung: the RL sub-run's warm start does not validate it again
+    assert yaml.safe_load((run / "rl" / "recipe.yaml").read_text())["warm_start"]["validate_base"] is False
+    events = [json.loads(line).get("event") for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert "baseline" not in events and "warm_start" in events
     assert LadderResult.model_validate_json((run / "ladder.json").read_text()) == result
     report = (run / "report.md").read_text()
     for name in ("baseline", "apo", "warm_start", "grpo", "random feasible room", "always No Room"):

@@ -294,7 +294,8 @@ def train_sft(
 def warm_start(
     rl: RunContext, model: Any, tokenizer: Any, config: WarmStartConfig, lora: LoraConfig, *, resume: bool = False
 ) -> WarmStart:
-    """The warm-start stage of a run: validate the base model (``baseline``), collect demonstrations, train.
+    """The warm-start stage of a run: validate the base model (``baseline``, unless ``config.validate_base`` is
+    off), collect demonstrations, train.
 
     With ``resume`` and a warm start that finished earlier in this run directory, its adapter is loaded instead
     (trainable), so an interrupted run does not collect and train again. Returns the adapter model.
@@ -311,8 +312,9 @@ def warm_start(
     # The stage runs whole again: lines an earlier, unfinished run of it logged would be counted twice.
     rewrite_metrics(rl.run_dir / "metrics.jsonl", keep=lambda rec: rec.get("event") not in _STAGE_EVENTS)
     with ServingStack(recipe, rl.store, model=model, tokenizer=tokenizer) as stack:
-        baseline = rl.evaluate(rl.eval_sets(), stack=stack, label="baseline", step=0)
-        logger.info("baseline: %s", accuracies(baseline))
+        if config.validate_base:
+            baseline = rl.evaluate(rl.eval_sets(), stack=stack, label="baseline", step=0)
+            logger.info("baseline: %s", accuracies(baseline))
         rows, collected = collect_demonstrations(rl, stack, config)
     rl.metrics.write({"event": "demonstrations", **collected})
     result = train_sft(model, tokenizer, rows, config, lora, out, seed=recipe.seed, metrics=rl.metrics,
