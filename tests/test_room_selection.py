@@ -833,7 +833,7 @@ def test_reference_policies_match_calibration_on_the_first_28() -> None:
 
 def test_brief_room_lines_state_the_same_checks_in_fewer_words() -> None:
     """``room_lines: brief`` (an environment option) writes each room as its verdict plus the failed checks or the
-    tie-break values; the facts are the full lines', in catalog order."""
+    tie-break values; the facts are the full lines', in catalog order; ``verdict_first`` puts the verdict first."""
     env = get_env("room_selection", room_lines="brief")
     assert env.room_lines == "brief"
     for task in env.load_tasks("public:val"):
@@ -847,6 +847,11 @@ def test_brief_room_lines_state_the_same_checks_in_fewer_words() -> None:
             assert ("busy" in brief_line) == (not check.free)
             if check.passes:
                 assert f"slack {check.capacity_slack}, extra {check.extra_equipment}" in brief_line
+        # verdict_first: the same line with the verdict before the room, so a passing room's name follows PASSES
+        first = prompt_values("inline", request, env.catalog, "verdict_first")["rooms"].splitlines()
+        for brief_line, first_line, check in zip(brief, first, check_rooms(request, env.catalog), strict=True):
+            verdict, details = brief_line.removeprefix(f"- {check.room.id}: ").split(" ", 1)
+            assert first_line == f"- {verdict}: {check.room.id} {details}"
     with pytest.raises(ValueError, match="room_lines must be one of"):
         get_env("room_selection", room_lines="short")
 

@@ -19,8 +19,9 @@ Modes:
 - ``solver``: answers with the solver and calls no model: the reference agent, 1.0 on any correctly labelled
   task set, which checks the runner, store and grader end to end.
 
-How the inline prompt writes the rooms (``room_lines``: ``full`` or ``brief``, see :mod:`.prompts`) is fixed per
-agent by :func:`make_agent`; the teacher of an inline agent must be made with the same setting.
+How the inline prompt writes the rooms (``room_lines``: ``full``, ``brief`` or ``verdict_first``, see
+:mod:`.prompts`) is fixed per agent by :func:`make_agent`; the teacher of an inline agent must be made with the
+same setting.
 
 Which catalog: an agent is made for one catalog by :func:`make_agent` (the environment passes its own), and
 a task whose payload carries a ``catalog`` (generated sets with ``catalogs=``) or names a ``catalog_path`` is
@@ -317,8 +318,8 @@ def make_agent(
 ) -> Agent:
     """The agent of ``mode`` (see :data:`AGENT_MODES`) answering against ``catalog`` (the reference catalog when
     ``None``); ``max_turns`` bounds the chat calls of the tool agents, ``room_lines`` is how the inline prompt
-    writes the rooms (``full`` or ``brief``), ``tool_result`` which tool the tool agents call (``full``,
-    ``brief`` or ``checks``, see :data:`.tools.TOOL_RESULTS`), ``answer_style`` how the teachers answer
+    writes the rooms (``full``, ``brief`` or ``verdict_first``), ``tool_result`` which tool the tool agents call
+    (``full``, ``brief`` or ``checks``, see :data:`.tools.TOOL_RESULTS`), ``answer_style`` how the teachers answer
     (``choice`` or ``passing``, see :data:`.prompts.ANSWER_STYLES`; the student is asked for it by the default
     prompts of the same style)."""
     if mode not in AGENT_MODES:

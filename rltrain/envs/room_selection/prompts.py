@@ -13,8 +13,12 @@ Two modes:
 
 How the inline ``{rooms}`` are written is the environment's ``room_lines`` option: ``full`` (the default: every
 check spelled out, ~40 tokens a room, ~570 prompt tokens) or ``brief`` (a verdict, the failed checks or the
-tie-break values, ~12 tokens a room). The same facts either way; ``brief`` is what lets a warm start on two CPU
-cores see enough demonstrations in minutes (``make demo``).
+tie-break values, ~12 tokens a room) or ``verdict_first`` (the ``brief`` line with the verdict before the room:
+``- PASSES: Lyra (slack 2, ...)``). The same facts every way; ``brief`` is what lets a warm start on two CPU
+cores see enough demonstrations in minutes (``make demo``). ``verdict_first`` is for catalogs whose names change
+from task to task: a causal model reads a line left to right, so in ``- Lyra: PASSES`` the name's tokens cannot
+carry the verdict that follows them, and copying the rooms that pass (``answer_style: passing``) takes a
+look-ahead; after ``PASSES:`` the name is a plain copy.
 
 The ``teacher`` mode (demonstrations for the warm start) sends exactly the ``inline`` agent's request, so its
 templates are the inline ones; ``tool_teacher`` sends the ``tool`` agent's, so its templates are the tool ones.
@@ -32,8 +36,8 @@ from rltrain.envs.room_selection.solver import RoomCheck, check_rooms, solve
 from rltrain.envs.room_selection.tasks import RoomRequest
 from rltrain.types import PromptTemplate
 
-RoomLines = Literal["full", "brief"]
-ROOM_LINES: tuple[RoomLines, ...] = ("full", "brief")
+RoomLines = Literal["full", "brief", "verdict_first"]
+ROOM_LINES: tuple[RoomLines, ...] = ("full", "brief", "verdict_first")
 
 AnswerStyle = Literal["choice", "passing"]
 ANSWER_STYLES: tuple[AnswerStyle, ...] = ("choice", "passing")
@@ -210,6 +214,16 @@ def describe_check_brief(check: RoomCheck) -> str:
     return f"- {check.room.id}: {brief_verdict(check)}"
 
 
+def describe_check_verdict_first(check: RoomCheck) -> str:
+    """One room's line in the ``verdict_first`` inline prompt: ``- PASSES: Lyra (slack 2, ...)`` or
+    ``- FAILS: Orion (busy)``."""
+    verdict, details = brief_verdict(check).split(" ", 1)
+    return f"- {verdict}: {check.room.id} {details}"
+
+
+_ROOM_LINE_WRITERS = {"brief": describe_check_brief, "verdict_first": describe_check_verdict_first}
+
+
 def prompt_values(
     mode: str, request: RoomRequest, catalog: Catalog, room_lines: RoomLines = "full"
 ) -> dict[str, str]:
@@ -228,7 +242,9 @@ def prompt_values(
     if mode == "inline":
         checks = check_rooms(request, catalog)
         values["rooms"] = "\n".join(
-            describe_check(check, request.attendees) if room_lines == "full" else describe_check_brief(check)
+            describe_check(check, request.attendees)
+            if room_lines == "full"
+            else _ROOM_LINE_WRITERS[room_lines](check)
             for check in checks
         )
         values["answers"] = ", ".join(catalog.answer_space())
