@@ -125,7 +125,9 @@ class Ladder:
         self.root.mkdir(parents=True, exist_ok=True)
         self.target = recipe.escalate.target if recipe.escalate is not None else 1.0
         path = self.root / "ladder.json"
-        fingerprint = hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16]
+        # Fields left at their defaults are not part of the fingerprint, so a schema that gains a field (with a
+        # default) still continues a climb an older version started; any value the recipe sets still counts.
+        fingerprint = hashlib.sha256(recipe.model_dump_json(exclude_defaults=True).encode()).hexdigest()[:16]
         self.result = (LadderResult.model_validate_json(path.read_text()) if path.exists()
                        else LadderResult(recipe=recipe.name, fingerprint=fingerprint, target=self.target,
                                          selection_set=recipe.data.select))
