@@ -11,10 +11,10 @@ the warm start), ``tool_teacher`` (the tool conversation with the tool call and 
 demonstrations), ``solver`` (no model; the reference agent).
 
 Options (``env.options`` in a recipe): ``catalog`` (a catalog file; the packaged seven rooms by default),
-``room_lines`` (``full``, ``brief`` or ``verdict_first``: how the inline prompt writes each room's checks, see :mod:`.prompts`) and
-``tool_result`` (``full``, ``brief`` or ``checks``: which tool the tool agents call and what it returns for
-each room, see :mod:`.tools`; ``checks`` is a search that takes the whole request and returns each room's
-verdict) and ``answer_style`` (``choice`` or ``passing``: one ``final_choice`` line, or the rooms that pass
+``room_lines`` (``full``, ``brief`` or ``verdict_first``: how the inline prompt writes each room's checks, see
+:mod:`.prompts`), ``tool_result`` (``full``, ``brief`` or ``checks``: which tool the tool agents call and what it
+returns for each room, see :mod:`.tools`; ``checks`` is a search that takes the whole request and returns each
+room's verdict) and ``answer_style`` (``choice`` or ``passing``: one ``final_choice`` line, or the rooms that pass
 copied first, see :mod:`.prompts`).
 """
 

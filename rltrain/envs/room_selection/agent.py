@@ -67,6 +67,7 @@ from rltrain.envs.room_selection.tools import (
     TOOL_RESULTS,
     ToolResult,
     execute_tool_call,
+    query_model,
     tool_definitions,
 )
 from rltrain.types import LLMResource, PromptTemplate, Resources, SpanKind
@@ -209,11 +210,7 @@ def _teacher_replies(
     # Imported here: the format lives with the gateway's parser, whose package pulls in the HTTP server.
     from rltrain.gateway.tool_calls import format_tool_call
 
-    query: dict[str, Any] = (
-        request.model_dump()
-        if tool_result == "checks"
-        else {"date": request.date, "time": request.time, "duration_min": request.duration_min}
-    )
+    query = request.model_dump(include=set(query_model(tool_result).model_fields))
     return [format_tool_call(TOOL_NAME, query), teacher_answer(request, catalog, answer_style)]
 
 

@@ -195,9 +195,8 @@ def teacher_answer(request: RoomRequest, catalog: Catalog, answer_style: AnswerS
     return f"{_PASSING_PREFIX} {', '.join(passing) or 'none'}\n{choice}"
 
 
-def brief_verdict(check: RoomCheck) -> str:
-    """One room's verdict in a few tokens: ``FAILS`` and the checks it fails, or ``PASSES`` and its tie-break
-    values (also what the ``checks`` tool returns for each room)."""
+def _verdict_parts(check: RoomCheck) -> tuple[str, str]:
+    """``("FAILS", "(busy; too small)")`` or ``("PASSES", "(slack 2, extra 1, 20 m, 0 bookings)")``."""
     if not check.passes:
         failed = [
             *(["busy"] if not check.free else []),
@@ -205,8 +204,14 @@ def brief_verdict(check: RoomCheck) -> str:
             *([f"no {', '.join(check.missing_needs)}"] if check.missing_needs else []),
             *(["not accessible"] if not check.accessible_ok else []),
         ]
-        return f"FAILS ({'; '.join(failed)})"
-    return f"PASSES ({tie_break_values(check)})"
+        return "FAILS", f"({'; '.join(failed)})"
+    return "PASSES", f"({tie_break_values(check)})"
+
+
+def brief_verdict(check: RoomCheck) -> str:
+    """One room's verdict in a few tokens: ``FAILS`` and the checks it fails, or ``PASSES`` and its tie-break
+    values (also what the ``checks`` tool returns for each room)."""
+    return " ".join(_verdict_parts(check))
 
 
 def describe_check_brief(check: RoomCheck) -> str:
@@ -217,7 +222,7 @@ def describe_check_brief(check: RoomCheck) -> str:
 def describe_check_verdict_first(check: RoomCheck) -> str:
     """One room's line in the ``verdict_first`` inline prompt: ``- PASSES: Lyra (slack 2, ...)`` or
     ``- FAILS: Orion (busy)``."""
-    verdict, details = brief_verdict(check).split(" ", 1)
+    verdict, details = _verdict_parts(check)
     return f"- {verdict}: {check.room.id} {details}"
 
 

@@ -57,14 +57,15 @@ class SearchQuery(AvailabilityQuery):
     accessible_required: bool = Field(description="Whether the room must be accessible")
 
 
-def _query_model(result: ToolResult) -> type[AvailabilityQuery]:
+def query_model(result: ToolResult) -> type[AvailabilityQuery]:
+    """The arguments' model of the tool ``result`` names (its fields are what a call must give)."""
     return SearchQuery if result == "checks" else AvailabilityQuery
 
 
 def _parameters_schema(result: ToolResult) -> dict[str, Any]:
     """The JSON schema of the tool's arguments without pydantic's titles and docstring, which only lengthen
     what the model reads."""
-    schema = _query_model(result).model_json_schema()
+    schema = query_model(result).model_json_schema()
     properties = {
         name: {key: value for key, value in prop.items() if key != "title"}
         for name, prop in schema["properties"].items()
@@ -146,7 +147,7 @@ def parse_tool_call(name: str, arguments: str, result: ToolResult = "full") -> A
     if not isinstance(decoded, dict):
         raise ToolCallError(f"arguments must be a JSON object, got {type(decoded).__name__}")
     try:
-        return _query_model(result).model_validate(decoded)
+        return query_model(result).model_validate(decoded)
     except ValidationError as exc:
         raise ToolCallError(f"invalid arguments: {describe_validation_error(exc)}") from exc
 
