@@ -23,13 +23,16 @@ import pytest
 from adapter_sync import make_adapter
 from fake_vllm import FakeVLLM
 
+from rltrain.engines import vllm_server
 from rltrain.engines.base import ContextLengthError, EngineError, GenerationRequest, GenerationResult, OnToken
 from rltrain.engines.vllm import VLLMEngine, VLLMProtocolError, VLLMRequestError
 from rltrain.engines.vllm_server import (
+    VLLMPortTakenError,
     VLLMServer,
     VLLMStartupError,
     build_vllm_command,
     free_port,
+    listening_pids,
     vllm_environment,
 )
 from rltrain.gateway.app import create_app
@@ -519,6 +522,39 @@ def test_server_that_never_gets_healthy_is_stopped(
     with pytest.raises(VLLMStartupError, match="did not answer /health within engine.vllm.startup_timeout_s=2 s"):
         server.start()
     assert not server.alive and server.pid is not None and not pid_alive(server.pid)
+
+
+def test_a_port_another_server_took_is_refused_then_another_port_is_tried(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The race CI met: the port rltrain found free was bound by another test's server before vLLM bound it, and
+    that stranger's /health made the dying server look started (its requests then went to the stranger)."""
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "hang")  # the started process never binds: only the stranger answers
+    with GatewayServer(FakeVLLM(tiny_model_dir, "another-model").app) as stranger:
+        taken = int(stranger.base_url.rsplit(":", 1)[1])
+        assert listening_pids(taken) == {os.getpid()}
+        recipe = vllm_recipe(tmp_path, tiny_model_dir, command=fake_command())
+        server = VLLMServer(build_vllm_command(recipe, tiny_model_dir, taken), vllm_environment(recipe),
+                            base_url=stranger.base_url, log_path=tmp_path / "vllm.log", startup_timeout_s=60,
+                            max_restarts=0)
+        with pytest.raises(VLLMPortTakenError, match=rf"port {taken} .* held by another process \(pid {os.getpid()}\)"):
+            server.start()
+        assert not server.alive and not pid_alive(server.pid)
+        # a port the recipe names is not changed behind the user's back
+        with pytest.raises(VLLMPortTakenError, match="set engine.vllm.port to a free port"):
+            VLLMEngine.from_recipe(vllm_recipe(tmp_path, tiny_model_dir, command=fake_command(), port=taken))
+        # a port rltrain picked is picked again: the race replayed, the stranger's port comes first
+        monkeypatch.delenv("FAKE_VLLM_FAIL")
+        picks = iter([taken])
+        monkeypatch.setattr(vllm_server, "free_port", lambda: next(picks, None) or free_port())
+        engine = VLLMEngine.from_recipe(vllm_recipe(tmp_path, tiny_model_dir, command=fake_command()))
+        try:
+            assert engine.server is not None and engine.server.base_url != stranger.base_url
+            assert engine.served_name == str(tiny_model_dir)  # not the stranger's "another-model"
+            assert listening_pids(int(engine.server.base_url.rsplit(":", 1)[1])) == {engine.server.pid}
+        finally:
+            engine.close()
+    assert f"port {taken}" in caplog.text and "trying another port" in caplog.text
 
 
 def test_missing_vllm_program_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:

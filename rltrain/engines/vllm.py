@@ -58,7 +58,7 @@ from rltrain.engines.base import (
     GenerationResult,
     OnToken,
 )
-from rltrain.engines.vllm_server import VLLMServer, build_vllm_command, free_port, vllm_environment
+from rltrain.engines.vllm_server import VLLMServer, start_server
 
 if TYPE_CHECKING:
     from rltrain.recipes import Recipe
@@ -151,14 +151,8 @@ class VLLMEngine:
             base_url = urls[replica]
             _wait_for_health(base_url, config.startup_timeout_s)
         else:
-            port = config.port + replica if config.port else free_port()
-            base_url = f"http://127.0.0.1:{port}"
-            server = VLLMServer(
-                build_vllm_command(recipe, model_dir, port), vllm_environment(recipe, replica=replica),
-                base_url=base_url, log_path=recipe.run_dir / (f"vllm-{replica}.log" if replica else "vllm.log"),
-                startup_timeout_s=config.startup_timeout_s, max_restarts=config.max_restarts,
-            )
-            server.start()
+            server = start_server(recipe, model_dir, replica)
+            base_url = server.base_url
         if tokenizer is None:
             from transformers import AutoTokenizer
 

@@ -56,6 +56,11 @@ class VLLMStartupError(EngineError):
     """The vLLM server could not be started, died while starting, or never answered ``/health``."""
 
 
+class VLLMPortTakenError(VLLMStartupError):
+    """Another process listens on the server's port: ``/health`` answered, but not from the process rltrain
+    started (a port found free is bound by someone else before vLLM binds it; the started server then dies)."""
+
+
 def build_vllm_command(recipe: Recipe, model_dir: str | Path, port: int) -> list[str]:
     """The ``vllm serve`` command line for ``recipe`` serving ``model_dir`` as ``recipe.model.name``."""
     config = recipe.engine.vllm
@@ -125,6 +130,31 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def listening_pids(port: int) -> set[int] | None:
+    """The processes holding a socket that listens on TCP ``port`` on this machine, from Linux's ``/proc``; None
+    where ``/proc`` cannot tell (another system, or processes whose descriptors cannot be read)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # sl, local address (hex ip:port), remote address, state (0A: LISTEN), ..., inode
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    pids: set[int] = set()
+    for proc in Path("/proc").iterdir() if inodes else ():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                pids.add(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids or None
 
 
 class VLLMServer:
@@ -205,6 +235,7 @@ class VLLMServer:
                     raise VLLMStartupError(f"the vLLM server exited while starting: {self.describe_exit()}")
                 try:
                     if client.get(f"{self.base_url}/health").status_code == 200:
+                        self._check_port_is_ours()
                         return
                 except httpx.TransportError:
                     pass  # not listening yet
@@ -216,6 +247,23 @@ class VLLMServer:
                         f"{self._log_tail()}"
                     )
                 time.sleep(0.5)
+
+    def _check_port_is_ours(self) -> None:
+        """Raise :class:`VLLMPortTakenError` (and stop the started process) when what answered ``/health`` is
+        another process's server: requests would otherwise go to a stranger that serves another model."""
+        port = int(self.base_url.rsplit(":", 1)[1])
+        holders = listening_pids(port)
+        if holders is None or self._process is None:
+            return
+        ours = self._process.pid
+        strangers = sorted(pid for pid in holders if _process_group(pid) != ours)
+        if len(strangers) == len(holders):
+            self.stop()
+            raise VLLMPortTakenError(
+                f"port {port} of {self.base_url} is held by another process (pid {', '.join(map(str, strangers))}), "
+                "not by the vLLM server rltrain started; set engine.vllm.port to a free port, or leave it unset for "
+                "rltrain to find one"
+            )
 
     def restart(self) -> None:
         """Stop what is left of the process and start it again (counted against ``max_restarts``)."""
@@ -261,6 +309,42 @@ class VLLMServer:
         except FileNotFoundError:
             return f"no log at {self.log_path}"
         return f"last lines of {self.log_path}:\n" + "\n".join(lines)
+
+
+#: how many fresh ports a server whose port rltrain picked is tried on when another process takes it first
+PORT_ATTEMPTS = 3
+
+
+def start_server(recipe: Recipe, model_dir: str | Path, replica: int = 0) -> VLLMServer:
+    """Start replica number ``replica`` of ``vllm serve`` for the recipe, healthy, on ``engine.vllm.port`` (+
+    ``replica``) or on a free port (log: ``<run dir>/vllm.log``, ``vllm-1.log``, ...). A port rltrain picked
+    can be bound by another process between the pick and vLLM's bind: then a fresh port is tried."""
+    config = recipe.engine.vllm
+    attempt = 1
+    while True:
+        port = config.port + replica if config.port else free_port()
+        server = VLLMServer(
+            build_vllm_command(recipe, model_dir, port), vllm_environment(recipe, replica=replica),
+            base_url=f"http://127.0.0.1:{port}",
+            log_path=recipe.run_dir / (f"vllm-{replica}.log" if replica else "vllm.log"),
+            startup_timeout_s=config.startup_timeout_s, max_restarts=config.max_restarts,
+        )
+        try:
+            server.start()
+        except VLLMPortTakenError as exc:
+            if config.port or attempt == PORT_ATTEMPTS:
+                raise
+            logger.warning("%s; trying another port", exc)
+            attempt += 1
+        else:
+            return server
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
