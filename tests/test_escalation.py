@@ -11,12 +11,12 @@ import yaml
 from scripted_llm import ScriptedLLM
 
 from rltrain.cli import main
-from rltrain.envs.room_selection.prompts import INLINE_PROMPTS
+from rltrain.envs.room_selection.prompts import default_prompts
 from rltrain.escalation import EscalationError, LadderResult, escalate
 from rltrain.metrics import EvalSummary
 from rltrain.recipes import parse_recipe
 
-SEED = INLINE_PROMPTS["user"].template
+SEED = default_prompts("inline")["user"].template
 BETTER = ("Request: {request}\n\nRooms and their checks:\n{rooms}\n\nOnly a room that PASSES may be chosen; among "
           "those take the best by the tie-breaks.\nAnswer with one of: {answers}.")
 EDITS = {SEED: ["Pick a room for {request}.", BETTER], BETTER: [BETTER, SEED]}

@@ -27,7 +27,7 @@ from rltrain.envs.room_selection.agent import AGENT_MODES, GRADE_SPAN, catalog_f
 from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
 from rltrain.envs.room_selection.prompts import (
     ANSWER_STYLES,
-    DEFAULT_PROMPTS,
+    PROMPT_FORMS,
     ROOM_LINES,
     AnswerStyle,
     RoomLines,
@@ -90,7 +90,7 @@ class RoomSelectionEnv:
             raise ValueError(
                 f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}"
             )
-        return default_prompts(mode, self.tool_result, self.answer_style) if mode in DEFAULT_PROMPTS else {}
+        return default_prompts(mode, self.tool_result, self.answer_style) if mode in PROMPT_FORMS else {}
 
     def answer_space(self) -> list[str]:
         """The environment catalog's answers; a task carrying its own catalog is graded against that one's."""

@@ -62,51 +62,50 @@ _RULES = (
     "If no room passes all four checks, the answer is No Room."
 )
 
-_FORMAT = "Answer with one line:\nfinal_choice: <ROOM_ID or No Room>"
-_PASSING_FORMAT = (
-    "Answer with two lines: first every room that PASSES with its values, then the best of them:\n"
-    "passing: <ROOM_ID (slack, extra, distance, bookings), ... or none>\n"
-    "final_choice: <ROOM_ID or No Room>"
-)
-_PASSING_PREFIX = "passing:"
-
-TOOL_PROMPTS: dict[str, PromptTemplate] = {
-    "system": PromptTemplate(
-        template=(
-            "You are a scheduling assistant. First call get_rooms_and_availability with the request's date, "
-            "time and duration_min; it lists every room with its capacity, equipment, accessibility, distance, "
-            "bookings, and whether it is free for that slot.\n"
-            f"{_RULES}\n{_FORMAT}"
-        )
+_FORMATS: dict[AnswerStyle, str] = {
+    "choice": "Answer with one line:\nfinal_choice: <ROOM_ID or No Room>",
+    "passing": (
+        "Answer with two lines: first every room that PASSES with its values, then the best of them:\n"
+        "passing: <ROOM_ID (slack, extra, distance, bookings), ... or none>\n"
+        "final_choice: <ROOM_ID or No Room>"
     ),
-    "user": PromptTemplate(
+}
+"""The end of every system prompt: the answer format of each answer style."""
+
+#: what the inline agent writes after its prompt before the model continues (the first line's key)
+_ANSWER_PREFIXES: dict[AnswerStyle, str] = {"choice": "final_choice:", "passing": "passing:"}
+
+_SEED_TOOL_INTRO = (
+    "You are a scheduling assistant. First call get_rooms_and_availability with the request's date, "
+    "time and duration_min; it lists every room with its capacity, equipment, accessibility, distance, "
+    "bookings, and whether it is free for that slot.\n"
+    f"{_RULES}"
+)
+_TOOL_INTROS: dict[str, str] = {
+    "full": _SEED_TOOL_INTRO,
+    "brief": _SEED_TOOL_INTRO,
+    # the tool does the four checks, so the rules shrink to the tie-breaks
+    "checks": (
+        "You are a scheduling assistant. First call get_rooms_and_availability with the request's date, "
+        "time, duration_min, attendees, needs and accessible_required; it says for every room whether it "
+        "PASSES (with its capacity slack, extra equipment, distance and bookings that day) or FAILS.\n"
+        "Pick the best room that PASSES: smallest slack, then least extra equipment, then shortest "
+        "distance, then fewest bookings. If none passes: No Room."
+    ),
+}
+"""The tool agents' system prompts before the answer format, by the tool they describe (see
+:data:`.tools.TOOL_RESULTS`)."""
+_INLINE_INTRO = f"You are a scheduling assistant.\n{_RULES}"
+
+_USER_TEMPLATES: dict[str, PromptTemplate] = {
+    "tool": PromptTemplate(
         template=(
             "Find a room on {date} at {time} for {duration_min} minutes, {attendees} attendees. "
             "Needs: {needs}. Accessible required: {accessible_required}"
         ),
         placeholders=REQUEST_FIELDS,
     ),
-}
-
-CHECKS_TOOL_PROMPTS: dict[str, PromptTemplate] = {
-    "system": PromptTemplate(
-        template=(
-            "You are a scheduling assistant. First call get_rooms_and_availability with the request's date, "
-            "time, duration_min, attendees, needs and accessible_required; it says for every room whether it "
-            "PASSES (with its capacity slack, extra equipment, distance and bookings that day) or FAILS.\n"
-            "Pick the best room that PASSES: smallest slack, then least extra equipment, then shortest "
-            "distance, then fewest bookings. If none passes: No Room.\n"
-            f"{_FORMAT}"
-        )
-    ),
-    "user": TOOL_PROMPTS["user"],
-}
-"""The tool agents' templates when the tool is the ``checks`` search (see :data:`.tools.TOOL_RESULTS`): the
-tool does the four checks, so the rules shrink to the tie-breaks."""
-
-INLINE_PROMPTS: dict[str, PromptTemplate] = {
-    "system": PromptTemplate(template=f"You are a scheduling assistant.\n{_RULES}\n{_FORMAT}"),
-    "user": PromptTemplate(
+    "inline": PromptTemplate(
         template=(
             "Request: {request}\n\n"
             "Each room checked against this request:\n{rooms}\n\n"
@@ -115,37 +114,29 @@ INLINE_PROMPTS: dict[str, PromptTemplate] = {
         ),
         placeholders=["request", "rooms", "answers"],
     ),
-    "answer_prefix": PromptTemplate(template="final_choice:"),
 }
 
-DEFAULT_PROMPTS: dict[str, dict[str, PromptTemplate]] = {
-    "tool": TOOL_PROMPTS,
-    "inline": INLINE_PROMPTS,
-    "teacher": INLINE_PROMPTS,
-    "tool_teacher": TOOL_PROMPTS,
-}
+#: the agent modes that read templates, and the prompt form each uses (the teachers see what their pupils see)
+PROMPT_FORMS: dict[str, str] = {"tool": "tool", "tool_teacher": "tool", "inline": "inline", "teacher": "inline"}
 
 
 def default_prompts(
     mode: str, tool_result: str = "full", answer_style: AnswerStyle = "choice"
 ) -> dict[str, PromptTemplate]:
-    """A fresh copy of the default templates of ``mode`` (``tool``, ``inline``, ``teacher`` or
-    ``tool_teacher``); the tool modes' templates describe the tool ``tool_result`` names, and every mode's
-    system prompt asks for the ``answer_style`` (with ``passing``, the inline answer prefix is ``passing:``)."""
-    if mode not in DEFAULT_PROMPTS:
-        raise ValueError(
-            f"no default prompts for agent mode {mode!r}; modes with prompts: {sorted(DEFAULT_PROMPTS)}"
-        )
-    templates = DEFAULT_PROMPTS[mode]
-    if tool_result == "checks" and templates is TOOL_PROMPTS:
-        templates = CHECKS_TOOL_PROMPTS
-    copies = {name: template.model_copy(deep=True) for name, template in templates.items()}
-    if answer_style == "passing":
-        system = copies["system"]
-        copies["system"] = system.model_copy(update={"template": system.template.replace(_FORMAT, _PASSING_FORMAT)})
-        if "answer_prefix" in copies:
-            copies["answer_prefix"] = PromptTemplate(template=_PASSING_PREFIX)
-    return copies
+    """Fresh default templates of ``mode`` (one of :data:`PROMPT_FORMS`): the tool modes' system prompt describes
+    the tool ``tool_result`` names, every mode's asks for the ``answer_style``, and the inline forms start the
+    answer with that style's first key (``final_choice:`` or ``passing:``)."""
+    if mode not in PROMPT_FORMS:
+        raise ValueError(f"no default prompts for agent mode {mode!r}; modes with prompts: {sorted(PROMPT_FORMS)}")
+    form = PROMPT_FORMS[mode]
+    intro = _TOOL_INTROS[tool_result] if form == "tool" else _INLINE_INTRO
+    prompts = {
+        "system": PromptTemplate(template=f"{intro}\n{_FORMATS[answer_style]}"),
+        "user": _USER_TEMPLATES[form].model_copy(deep=True),
+    }
+    if form == "inline":
+        prompts["answer_prefix"] = PromptTemplate(template=_ANSWER_PREFIXES[answer_style])
+    return prompts
 
 
 def _yes_no(value: bool) -> str:
@@ -192,7 +183,7 @@ def teacher_answer(request: RoomRequest, catalog: Catalog, answer_style: AnswerS
     if answer_style == "choice":
         return choice
     passing = [f"{check.room.id} ({tie_break_values(check)})" for check in check_rooms(request, catalog) if check.passes]
-    return f"{_PASSING_PREFIX} {', '.join(passing) or 'none'}\n{choice}"
+    return f"{_ANSWER_PREFIXES['passing']} {', '.join(passing) or 'none'}\n{choice}"
 
 
 def _verdict_parts(check: RoomCheck) -> tuple[str, str]:
