@@ -38,7 +38,7 @@ from rltrain.envs.room_selection.catalog_generator import (
     generate_catalogs,
 )
 from rltrain.envs.room_selection.generator import MAX_LABEL_SHARE, generate_tasks
-from rltrain.envs.room_selection.prompts import default_prompts, prompt_values
+from rltrain.envs.room_selection.prompts import default_prompts, prompt_values, teacher_answer
 from rltrain.envs.room_selection.schema import NO_ROOM, overlaps
 from rltrain.envs.room_selection.solver import check_rooms, feasible_rooms, grade, solve
 from rltrain.envs.room_selection.tasks import (
@@ -778,6 +778,35 @@ def test_passing_style_teacher_copies_the_passing_rooms_then_chooses(
     assert chat.requests[0]["rltrain_completion"] == " none\nfinal_choice: No Room"
     with pytest.raises(ValueError, match="answer_style must be one of"):
         get_env("room_selection", answer_style="explained")
+
+
+def test_stepwise_teacher_narrows_the_passing_rooms_one_tie_break_at_a_time(public: list[Task], catalog: Catalog) -> None:
+    """``answer_style: stepwise``: after the passing line, each line keeps the rooms with the smallest value of the
+    next tie-break (``slack 0: Orion, Nova``), until one is left; the final choice is the solver's, and a single
+    passing room (or none) needs no narrowing."""
+    env = get_env("room_selection", room_lines="verdict_first", answer_style="stepwise")
+    assert env.default_prompts("teacher")["answer_prefix"].template == "passing:"
+    assert "slack <smallest>: <ROOM_ID, ...>" in env.default_prompts("inline")["system"].template
+    narrowed = 0
+    for task in public:
+        request = request_of(task.payload)
+        passing = [c for c in check_rooms(request, catalog) if c.passes]
+        lines = teacher_answer(request, catalog, "stepwise").split("\n")
+        assert lines[0] == teacher_answer(request, catalog, "passing").split("\n")[0]
+        assert lines[-1] == f"final_choice: {solve(request, catalog)}"
+        steps = lines[1:-1]
+        assert not steps if len(passing) < 2 else steps
+        left = passing
+        for step, (name, position) in zip(steps, [("slack", 0), ("extra", 1), ("distance", 2), ("bookings", 3)]):
+            best = min(c.rank[position] for c in left)
+            left = [c for c in left if c.rank[position] == best]
+            assert step.startswith(f"{name} {best}") and step.endswith(": " + ", ".join(c.room.id for c in left))
+        if steps:
+            narrowed += 1
+            assert len(left) == 1 or len(steps) == 4
+            assert left[0].room.id == solve(request, catalog)
+        assert grade("\n".join(lines), task.payload["expected_choice"], catalog.room_ids).correct
+    assert narrowed >= 5  # the public requests exercise the narrowing, not only the trivial cases
 
 
 def test_agent_names_a_missing_prompt(public: list[Task]) -> None:

@@ -39,14 +39,25 @@ from rltrain.types import PromptTemplate
 RoomLines = Literal["full", "brief", "verdict_first"]
 ROOM_LINES: tuple[RoomLines, ...] = ("full", "brief", "verdict_first")
 
-AnswerStyle = Literal["choice", "passing"]
-ANSWER_STYLES: tuple[AnswerStyle, ...] = ("choice", "passing")
+AnswerStyle = Literal["choice", "passing", "stepwise"]
+ANSWER_STYLES: tuple[AnswerStyle, ...] = ("choice", "passing", "stepwise")
 """How the agent is asked to answer, and how the teachers answer: ``choice`` is one line, ``final_choice: <room>``;
 ``passing`` first copies every room that passes, with its tie-break values, then chooses
 (``passing: Lyra (slack 2, extra 1, 20 m, 0 bookings), Nova (slack 0, ...)`` / ``final_choice: Nova``; ``passing:
-none`` / ``final_choice: No Room``). The grade reads the ``final_choice`` line either way. ``passing`` splits
-the decision into two steps a small model can learn from few demonstrations on catalogs whose room names
-change from task to task: find the lines that say PASSES (copying), then take the smallest values among a few."""
+none`` / ``final_choice: No Room``); ``stepwise`` writes the passing line, then narrows it one tie-break at a
+time, keeping the rooms with the smallest value, until one room is left (``slack 0: Nova, Pulse`` / ``extra 0:
+Nova`` / ``final_choice: Nova``). The grade reads the ``final_choice`` line every way. ``passing`` splits the
+decision into steps a small model can learn from few demonstrations on catalogs whose room names change from
+task to task: find the lines that say PASSES (copying), then take the smallest values among a few; ``stepwise``
+splits the last step too, so that each line is the minimum of one number over a short list."""
+
+#: the tie-breaks in order, as the ``stepwise`` lines name them, with each one's value (smaller is better)
+_TIE_BREAKS: tuple[tuple[str, str], ...] = (
+    ("slack", "{check.capacity_slack}"),
+    ("extra", "{check.extra_equipment}"),
+    ("distance", "{check.room.distance_m} m"),
+    ("bookings", "{check.bookings_that_day}"),
+)
 
 REQUEST_FIELDS = ["date", "time", "duration_min", "attendees", "needs", "accessible_required"]
 
@@ -69,11 +80,18 @@ _FORMATS: dict[AnswerStyle, str] = {
         "passing: <ROOM_ID (slack, extra, distance, bookings), ... or none>\n"
         "final_choice: <ROOM_ID or No Room>"
     ),
+    "stepwise": (
+        "First list every room that PASSES with its values, then keep the rooms with the smallest slack, then "
+        "of those the least extra, the shortest distance, the fewest bookings, until one is left:\n"
+        "passing: <ROOM_ID (slack, extra, distance, bookings), ... or none>\n"
+        "slack <smallest>: <ROOM_ID, ...>\n"
+        "final_choice: <ROOM_ID or No Room>"
+    ),
 }
 """The end of every system prompt: the answer format of each answer style."""
 
 #: what the inline agent writes after its prompt before the model continues (the first line's key)
-_ANSWER_PREFIXES: dict[AnswerStyle, str] = {"choice": "final_choice:", "passing": "passing:"}
+_ANSWER_PREFIXES: dict[AnswerStyle, str] = {"choice": "final_choice:", "passing": "passing:", "stepwise": "passing:"}
 
 _SEED_TOOL_INTRO = (
     "You are a scheduling assistant. First call get_rooms_and_availability with the request's date, "
@@ -178,12 +196,30 @@ def tie_break_values(check: RoomCheck) -> str:
 
 def teacher_answer(request: RoomRequest, catalog: Catalog, answer_style: AnswerStyle = "choice") -> str:
     """The answer a teacher demonstrates in ``answer_style`` (see :data:`ANSWER_STYLES`): the solver's choice,
-    after the passing rooms (in catalog order, with their tie-break values) for ``passing``."""
+    after the passing rooms (in catalog order, with their tie-break values) for ``passing``, and after them the
+    narrowing by each tie-break for ``stepwise``."""
     choice = f"final_choice: {solve(request, catalog)}"
     if answer_style == "choice":
         return choice
-    passing = [f"{check.room.id} ({tie_break_values(check)})" for check in check_rooms(request, catalog) if check.passes]
-    return f"{_ANSWER_PREFIXES['passing']} {', '.join(passing) or 'none'}\n{choice}"
+    checks = [check for check in check_rooms(request, catalog) if check.passes]
+    passing = ", ".join(f"{check.room.id} ({tie_break_values(check)})" for check in checks) or "none"
+    lines = [f"{_ANSWER_PREFIXES[answer_style]} {passing}"]
+    if answer_style == "stepwise":
+        lines += _narrowing(checks)
+    return "\n".join([*lines, choice])
+
+
+def _narrowing(checks: list[RoomCheck]) -> list[str]:
+    """``stepwise`` lines: the rooms left after each tie-break (``slack 0: Nova, Pulse``), until one is left.
+    Rooms tied on all four stay in catalog order, and the solver takes the first of them."""
+    lines: list[str] = []
+    for position, (name, value) in enumerate(_TIE_BREAKS):
+        if len(checks) < 2:
+            break
+        best = min(check.rank[position] for check in checks)
+        checks = [check for check in checks if check.rank[position] == best]
+        lines.append(f"{name} {value.format(check=checks[0])}: {', '.join(check.room.id for check in checks)}")
+    return lines
 
 
 def _verdict_parts(check: RoomCheck) -> tuple[str, str]:
