@@ -12,10 +12,12 @@ import torch
 
 from rltrain.engines.base import ContextLengthError, Engine, EngineError, GenerationRequest, GenerationResult
 from rltrain.engines.transformers import (
+    SHARED_PREFIX_MIN_TOKENS,
     InvalidRequestError,
     TransformersEngine,
     _filter_top_k_top_p,
     _inverse_cdf_sample,
+    _shared_prefix_length,
 )
 from rltrain.models import DEFAULT_MODEL, load_model_and_tokenizer
 
@@ -88,6 +90,45 @@ def test_batched_greedy_equals_unbatched(make_engine: Callable[..., Transformers
         for want, got in zip(single.completions, batched.completions, strict=True):
             assert got.completion_ids == want.completion_ids
             assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_a_prompt_prefix_shared_by_a_batch_is_computed_once_and_changes_nothing(
+    make_engine: Callable[..., TransformersEngine],
+) -> None:
+    """An agent's requests share its system prompt: a batch computes that prefix once and each prompt only its own
+    tokens, with the same tokens and logprobs as each prompt alone (greedy and seeded sampling alike)."""
+    engine = make_engine(batch_window_ms=200)
+    system = "You are a scheduling assistant. Pick the best room that passes every check, else No Room. " * 2
+
+    def prompt(question: str) -> list[int]:
+        return engine.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            add_generation_prompt=True, tokenize=True, return_dict=False,
+        )
+
+    prompts = [prompt(question) for question in QUESTIONS]
+    shared = _shared_prefix_length([tuple(p) for p in prompts])
+    assert shared >= SHARED_PREFIX_MIN_TOKENS and len({len(p) for p in prompts}) == len(prompts)
+    requests = [greedy(p) for p in prompts] + [
+        GenerationRequest(prompt_ids=prompts[1], max_tokens=10, temperature=1.0, seed=5, n=2)
+    ]
+    alone = [run(engine.generate(request)) for request in requests]
+    assert engine.stats.shared_prefix_tokens == 0  # one distinct prompt a batch: nothing to share
+    together = run(generate_all(engine, requests))
+    assert engine.stats.largest_batch == len(prompts) + 2
+    assert engine.stats.shared_prefix_tokens == shared * (len(prompts) - 1)
+    for single, batched in zip(alone, together, strict=True):
+        for want, got in zip(single.completions, batched.completions, strict=True):
+            assert got.completion_ids == want.completion_ids
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_the_shared_prefix_is_long_enough_and_leaves_every_prompt_a_token() -> None:
+    long = tuple(range(40))
+    assert _shared_prefix_length([long]) == 0  # alone: nothing shared
+    assert _shared_prefix_length([long, long[:30] + (99,)]) == 30
+    assert _shared_prefix_length([long, long]) == 39  # identical prompts keep their last token to read logits at
+    assert _shared_prefix_length([long, long[:SHARED_PREFIX_MIN_TOKENS - 1] + (99,)]) == 0  # too short to pay
 
 
 def test_seeded_sampling_does_not_depend_on_batch_mates(
