@@ -780,7 +780,9 @@ def test_passing_style_teacher_copies_the_passing_rooms_then_chooses(
         get_env("room_selection", answer_style="explained")
 
 
-def test_stepwise_teacher_narrows_the_passing_rooms_one_tie_break_at_a_time(public: list[Task], catalog: Catalog) -> None:
+def test_stepwise_teacher_narrows_the_passing_rooms_one_tie_break_at_a_time(
+    public: list[Task], catalog: Catalog
+) -> None:
     """``answer_style: stepwise``: after the passing line, each line keeps the rooms with the smallest value of the
     next tie-break (``slack 0: Orion, Nova``), until one is left; the final choice is the solver's, and a single
     passing room (or none) needs no narrowing."""

@@ -317,8 +317,8 @@ def make_agent(
     ``None``); ``max_turns`` bounds the chat calls of the tool agents, ``room_lines`` is how the inline prompt
     writes the rooms (``full``, ``brief`` or ``verdict_first``), ``tool_result`` which tool the tool agents call
     (``full``, ``brief`` or ``checks``, see :data:`.tools.TOOL_RESULTS`), ``answer_style`` how the teachers answer
-    (``choice``, ``passing`` or ``stepwise``, see :data:`.prompts.ANSWER_STYLES`; the student is asked for it by the default
-    prompts of the same style)."""
+    (``choice``, ``passing`` or ``stepwise``, see :data:`.prompts.ANSWER_STYLES`; the student is asked for it by
+    the default prompts of the same style)."""
     if mode not in AGENT_MODES:
         raise ValueError(f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}")
     if max_turns < 1:

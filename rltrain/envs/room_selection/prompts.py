@@ -51,13 +51,9 @@ decision into steps a small model can learn from few demonstrations on catalogs 
 task to task: find the lines that say PASSES (copying), then take the smallest values among a few; ``stepwise``
 splits the last step too, so that each line is the minimum of one number over a short list."""
 
-#: the tie-breaks in order, as the ``stepwise`` lines name them, with each one's value (smaller is better)
-_TIE_BREAKS: tuple[tuple[str, str], ...] = (
-    ("slack", "{check.capacity_slack}"),
-    ("extra", "{check.extra_equipment}"),
-    ("distance", "{check.room.distance_m} m"),
-    ("bookings", "{check.bookings_that_day}"),
-)
+#: the tie-breaks in the order of :attr:`RoomCheck.rank`, as the ``stepwise`` lines name them, with the unit
+#: written after each value
+_TIE_BREAKS: tuple[tuple[str, str], ...] = (("slack", ""), ("extra", ""), ("distance", " m"), ("bookings", ""))
 
 REQUEST_FIELDS = ["date", "time", "duration_min", "attendees", "needs", "accessible_required"]
 
@@ -213,12 +209,12 @@ def _narrowing(checks: list[RoomCheck]) -> list[str]:
     """``stepwise`` lines: the rooms left after each tie-break (``slack 0: Nova, Pulse``), until one is left.
     Rooms tied on all four stay in catalog order, and the solver takes the first of them."""
     lines: list[str] = []
-    for position, (name, value) in enumerate(_TIE_BREAKS):
+    for position, (name, unit) in enumerate(_TIE_BREAKS):
         if len(checks) < 2:
             break
         best = min(check.rank[position] for check in checks)
         checks = [check for check in checks if check.rank[position] == best]
-        lines.append(f"{name} {value.format(check=checks[0])}: {', '.join(check.room.id for check in checks)}")
+        lines.append(f"{name} {best}{unit}: {', '.join(check.room.id for check in checks)}")
     return lines
 
 
