@@ -695,6 +695,27 @@ def test_checks_tool_takes_the_request_and_answers_with_each_rooms_verdict(
     assert env.answer_of(spans) == "Nova"
 
 
+def test_checks_tool_writes_verdict_first_lines_when_the_environment_asks(
+    scripted: Any, public: list[Task]
+) -> None:
+    """``room_lines: verdict_first`` with the ``checks`` tool: the result is a list of lines with the verdict before
+    the room, the same lines as the inline ``verdict_first`` prompt shows for that request (one way of writing a
+    room for both forms), in catalog order; the name-keyed form stays the default."""
+    env = get_env("room_selection", tool_result="checks", room_lines="verdict_first")
+    task = public[1]
+    request = request_of(task.payload).model_dump()
+    chat = scripted([{"tool_calls": [_tool_call("c1", TOOL_NAME, json.dumps(request))]}, {"content": "final_choice: Nova"}])
+    resources = Resources(llm=_resources("tool", chat.base_url).llm, prompts=env.default_prompts("tool"))
+    reward, _ = _run_in_rollout(env.agent("tool"), task, resources)
+    (tool_message,) = [m for m in chat.requests[-1]["messages"] if m["role"] == "tool"]
+    lines = json.loads(tool_message["content"])["rooms"]
+    inline = prompt_values("inline", request_of(task.payload), env.catalog, "verdict_first")["rooms"]
+    assert reward == 1.0
+    assert [f"- {line}" for line in lines] == inline.splitlines()
+    assert [line.split()[1] for line in lines] == env.catalog.room_ids
+    assert [line for line in lines if line.startswith("PASSES: ")] == ["PASSES: Nova (slack 0, extra 1, 45 m, 0 bookings)"]
+
+
 def test_tool_agent_stops_after_max_turns(scripted: Any, public: list[Task], catalog: Catalog) -> None:
     chat = scripted([{"tool_calls": [_tool_call(f"c{i}", TOOL_NAME, GOOD_ARGS)]} for i in range(2)])
     agent = make_agent("tool", catalog, max_turns=2)

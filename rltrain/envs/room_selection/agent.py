@@ -19,8 +19,8 @@ Modes:
 - ``solver``: answers with the solver and calls no model: the reference agent, 1.0 on any correctly labelled
   task set, which checks the runner, store and grader end to end.
 
-How the inline prompt writes the rooms (``room_lines``: ``full``, ``brief`` or ``verdict_first``, see
-:mod:`.prompts`) is fixed per agent by :func:`make_agent`; the teacher of an inline agent must be made with the
+How the inline prompt and the ``checks`` tool write the rooms (``room_lines``: ``full``, ``brief`` or
+``verdict_first``, see :mod:`.prompts`) is fixed per agent by :func:`make_agent`; the teacher of an inline agent must be made with the
 same setting.
 
 Which catalog: an agent is made for one catalog by :func:`make_agent` (the environment passes its own), and
@@ -156,6 +156,7 @@ def _answer_with_tools(
     *,
     teacher: bool = False,
     tool_result: ToolResult = "full",
+    room_lines: RoomLines = "full",
     answer_style: AnswerStyle = "choice",
 ) -> str:
     """Chat with tools until the model answers without calling one (or ``max_turns`` calls are spent).
@@ -195,7 +196,7 @@ def _answer_with_tools(
                 }
             )
             for call, (name, arguments) in zip(message.tool_calls, calls, strict=True):
-                result = execute_tool_call(name, arguments, catalog, tool_result)
+                result = execute_tool_call(name, arguments, catalog, tool_result, room_lines)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
     logger.debug("tool agent used all %d turns without a final answer", max_turns)
     return message.content or ""
@@ -315,7 +316,7 @@ def make_agent(
 ) -> Agent:
     """The agent of ``mode`` (see :data:`AGENT_MODES`) answering against ``catalog`` (the reference catalog when
     ``None``); ``max_turns`` bounds the chat calls of the tool agents, ``room_lines`` is how the inline prompt
-    writes the rooms (``full``, ``brief`` or ``verdict_first``), ``tool_result`` which tool the tool agents call
+    and the ``checks`` tool write the rooms (``full``, ``brief`` or ``verdict_first``), ``tool_result`` which tool the tool agents call
     (``full``, ``brief`` or ``checks``, see :data:`.tools.TOOL_RESULTS`), ``answer_style`` how the teachers answer
     (``choice``, ``passing`` or ``stepwise``, see :data:`.prompts.ANSWER_STYLES`; the student is asked for it by
     the default prompts of the same style)."""
@@ -330,12 +331,14 @@ def make_agent(
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer_style must be one of {list(ANSWER_STYLES)}, got {answer_style!r}")
     answerers: dict[str, Answerer] = {
-        "tool": functools.partial(_answer_with_tools, max_turns=max_turns, tool_result=tool_result),
+        "tool": functools.partial(
+            _answer_with_tools, max_turns=max_turns, tool_result=tool_result, room_lines=room_lines
+        ),
         "inline": functools.partial(_answer_inline, room_lines=room_lines),
         "teacher": functools.partial(_answer_as_teacher, room_lines=room_lines, answer_style=answer_style),
         "tool_teacher": functools.partial(
             _answer_with_tools, max_turns=max_turns, teacher=True, tool_result=tool_result,
-            answer_style=answer_style,
+            room_lines=room_lines, answer_style=answer_style,
         ),
         "solver": _answer_with_solver,
     }

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from rltrain.agent import tool_span
 from rltrain.envs.room_selection.catalog import Catalog
-from rltrain.envs.room_selection.prompts import brief_verdict
+from rltrain.envs.room_selection.prompts import RoomLines, brief_verdict, describe_check_verdict_first
 from rltrain.envs.room_selection.schema import Clock, IsoDate, describe_validation_error
 from rltrain.envs.room_selection.solver import check_rooms
 from rltrain.envs.room_selection.tasks import RoomRequest
@@ -29,8 +29,9 @@ checks and tie-breaks read (capacity, equipment, accessibility, distance, ``free
 on the queried day: ~30 tokens a room). With both the model compares capacities and equipment itself.
 ``checks`` is a search API: it takes the whole request (slot, ``attendees``, ``needs``,
 ``accessible_required``) and returns each room's verdict, ``PASSES`` with its tie-break values or ``FAILS``
-with the checks it fails (~12 tokens a room, the inline ``brief`` room lines): the model must copy the
-request into the call correctly (a wrong head count gives wrong verdicts) and pick the best passing room."""
+with the checks it fails (~12 tokens a room, the inline ``brief`` room lines, or ``verdict_first``'s with the
+environment's ``room_lines: verdict_first``): the model must copy the request into the call correctly (a wrong
+head count gives wrong verdicts) and pick the best passing room."""
 
 
 class ToolCallError(ValueError):
@@ -112,18 +113,25 @@ TOOL_DEFINITIONS: list[dict[str, Any]] = tool_definitions("full")
 """The seed's tool (``full``), as an OpenAI ``tools=`` argument."""
 
 
-def _verdict(request: RoomRequest, catalog: Catalog) -> dict[str, str]:
-    """Each room's verdict in the words of the inline ``brief`` room lines, keyed by room id."""
-    return {check.room.id: brief_verdict(check) for check in check_rooms(request, catalog)}
+def _verdicts(request: RoomRequest, catalog: Catalog, room_lines: RoomLines) -> dict[str, str] | list[str]:
+    """Each room's verdict in the words of the inline room lines: keyed by room id (``{"Lyra": "PASSES (slack
+    2, ...)"}``), or for ``verdict_first`` a list of lines with the verdict before the room (``["PASSES: Lyra
+    (slack 2, ...)", "FAILS: Vega (busy)"]``), so that a causal model reads which rooms pass left to right, as
+    in the inline ``verdict_first`` prompt (see :mod:`.prompts`)."""
+    checks = check_rooms(request, catalog)
+    if room_lines == "verdict_first":
+        return [describe_check_verdict_first(check).removeprefix("- ") for check in checks]
+    return {check.room.id: brief_verdict(check) for check in checks}
 
 
 def get_rooms_and_availability(
-    catalog: Catalog, query: AvailabilityQuery, result: ToolResult = "full"
+    catalog: Catalog, query: AvailabilityQuery, result: ToolResult = "full", room_lines: RoomLines = "full"
 ) -> dict[str, Any]:
     """Every room with its details and ``free``: whether it is free for the whole queried slot; for
-    ``checks``, every room's verdict against the queried request (``result``: see :data:`TOOL_RESULTS`)."""
+    ``checks``, every room's verdict against the queried request (``result``: see :data:`TOOL_RESULTS`), written
+    as ``room_lines`` says (name-keyed unless ``verdict_first``)."""
     if isinstance(query, SearchQuery):
-        return {"rooms": _verdict(RoomRequest.model_validate(query.model_dump()), catalog)}
+        return {"rooms": _verdicts(RoomRequest.model_validate(query.model_dump()), catalog, room_lines)}
     rooms = []
     for room in catalog.rooms:
         free = room.is_free(query.date, query.time, query.duration_min)
@@ -153,10 +161,10 @@ def parse_tool_call(name: str, arguments: str, result: ToolResult = "full") -> A
 
 
 def execute_tool_call(
-    name: str, arguments: str, catalog: Catalog, result: ToolResult = "full"
+    name: str, arguments: str, catalog: Catalog, result: ToolResult = "full", room_lines: RoomLines = "full"
 ) -> dict[str, Any]:
     """Run one tool call inside a tool span; a bad call returns ``{"error": ...}`` (recorded as the span's
-    error) instead of raising."""
+    error) instead of raising. ``room_lines`` is how the ``checks`` tool writes its verdicts."""
     try:
         recorded = json.loads(arguments or "{}")
     except json.JSONDecodeError:
@@ -166,7 +174,7 @@ def execute_tool_call(
     try:
         with tool_span(name, recorded) as call:
             call.result = get_rooms_and_availability(
-                catalog, parse_tool_call(name, arguments, result), result
+                catalog, parse_tool_call(name, arguments, result), result, room_lines
             )
     except ToolCallError as exc:
         return {"error": str(exc)}
