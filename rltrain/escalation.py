@@ -8,7 +8,11 @@ LLM's tokens (APO), their estimated price, and wall time.
 The run directory holds one sub-run per stage: ``apo/`` (baseline and prompt optimisation, sharing one serving
 stack) and ``rl/`` (warm start and GRPO/PPO, with APO's best prompt as the agent's template), plus
 ``ladder.json``, ``report.md`` and ``report.png`` at the top. Running the same command again continues: rungs
-already in ``ladder.json`` are kept, APO resumes from its last round and RL from its newest checkpoint.
+already in ``ladder.json`` are kept, APO resumes from its last round and RL from its newest checkpoint. A recipe
+changed only in its ``warm_start:`` or ``algorithm:`` section (say, a warm start refused for a too-short
+``max_length`` after a long baseline) continues too, while neither RL rung has finished: the baseline and APO
+rungs, which never read those sections, are kept, and the RL stage starts over (the earlier attempt's ``rl/`` is
+moved aside, not deleted). Any other change is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,6 +65,10 @@ class LadderResult(BaseModel):
     fingerprint: str = Field(
         default="", description="Hash of the resolved recipe, so a changed recipe never continues a climb."
     )
+    prompt_fingerprint: str = Field(
+        default="", description="Hash of the recipe without its RL sections (`warm_start`, `algorithm`): what the "
+        "baseline and APO rungs read, so that a change to the RL sections alone keeps them."
+    )
     target: float
     rungs: list[RungResult] = Field(default_factory=list)
     reached: str | None = Field(default=None, description="The rung that reached the target, if one did.")
@@ -72,6 +81,18 @@ class LadderResult(BaseModel):
 
     def rung(self, name: str) -> RungResult | None:
         return next((r for r in self.rungs if r.name == name), None)
+
+
+#: the recipe sections only the RL stage reads (the warm start and GRPO/PPO)
+RL_SECTIONS = frozenset({"warm_start", "algorithm"})
+
+
+def recipe_fingerprint(recipe: Recipe, exclude: frozenset[str] = frozenset()) -> str:
+    """Hash of the recipe's fields that differ from their defaults, without the ``exclude`` sections. Defaults are
+    left out so that a schema that gains a field (with a default) still continues a climb an older version
+    started; any value the recipe sets still counts."""
+    dumped = recipe.model_dump_json(exclude_defaults=True, exclude=set(exclude))
+    return hashlib.sha256(dumped.encode()).hexdigest()[:16]
 
 
 def _tokens_between(store: Store, start: float, end: float) -> int:
@@ -125,17 +146,40 @@ class Ladder:
         self.root.mkdir(parents=True, exist_ok=True)
         self.target = recipe.escalate.target if recipe.escalate is not None else 1.0
         path = self.root / "ladder.json"
-        # Fields left at their defaults are not part of the fingerprint, so a schema that gains a field (with a
-        # default) still continues a climb an older version started; any value the recipe sets still counts.
-        fingerprint = hashlib.sha256(recipe.model_dump_json(exclude_defaults=True).encode()).hexdigest()[:16]
+        fingerprint = recipe_fingerprint(recipe)
+        prompt_fingerprint = recipe_fingerprint(recipe, RL_SECTIONS)
         self.result = (LadderResult.model_validate_json(path.read_text()) if path.exists()
-                       else LadderResult(recipe=recipe.name, fingerprint=fingerprint, target=self.target,
+                       else LadderResult(recipe=recipe.name, fingerprint=fingerprint,
+                                         prompt_fingerprint=prompt_fingerprint, target=self.target,
                                          selection_set=recipe.data.select))
         if self.result.fingerprint != fingerprint:
+            self._continue_changed_rl_sections(path, fingerprint, prompt_fingerprint)
+
+    def _continue_changed_rl_sections(self, path: Path, fingerprint: str, prompt_fingerprint: str) -> None:
+        """Continue a climb whose recipe changed in its RL sections alone before an RL rung finished: keep the
+        prompt rungs, move the earlier RL attempt aside (its demonstrations, metrics and any checkpoint were made
+        with the old sections, and a resumed sub-run would mix them in). Refuse any other change."""
+        rl_finished = [rung.name for rung in self.result.rungs if rung.name not in ("baseline", "apo")]
+        reason = None
+        if self.result.prompt_fingerprint != prompt_fingerprint:
+            reason = f"changed outside {' and '.join(sorted(RL_SECTIONS))}"
+        elif rl_finished:
+            reason = f"changed after its RL rungs ({', '.join(rl_finished)}) finished"
+        if reason is not None:
             raise EscalationError(
-                f"{path} was written by a different recipe; a climb continues only with the recipe that started "
-                "it. Give this one another name (--name) or remove that run directory"
+                f"{path} was written by a different recipe ({reason}); a climb continues only with the recipe "
+                "that started it. Give this one another name (--name) or remove that run directory"
             )
+        rl_dir = self.root / "rl"
+        if rl_dir.exists():
+            aside = self.root / f"rl.before-{datetime.now():%Y%m%d-%H%M%S}"
+            rl_dir.rename(aside)
+            logger.warning("the recipe's %s changed since this climb started: the RL stage starts over (the "
+                           "earlier attempt is in %s)", " / ".join(sorted(RL_SECTIONS)), aside)
+        kept = ", ".join(rung.name for rung in self.result.rungs) or "none"
+        logger.info("continuing the climb in %s with the changed RL sections; rungs kept: %s", self.root, kept)
+        self.result.fingerprint = fingerprint
+        self.save()
 
     def _sub_recipe(self, stage: str, **update: object) -> Recipe:
         return self.recipe.model_copy(update={"name": stage, "output_dir": str(self.root), **update})

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from scripted_llm import ScriptedLLM
 
+from rltrain.algorithms.sft import WarmStartError
 from rltrain.cli import main
 from rltrain.envs.room_selection.prompts import default_prompts
 from rltrain.escalation import EscalationError, LadderResult, escalate
@@ -120,3 +121,35 @@ def test_a_recipe_with_nothing_to_climb_is_refused(tmp_path: Path) -> None:
     recipe = tmp_path / "flat.yaml"
     recipe.write_text("name: flat\noutput_dir: " + str(tmp_path) + "\n")
     assert main(["escalate", str(recipe), "--no-progress"]) == 2
+
+
+def test_a_climb_whose_warm_start_was_refused_continues_with_the_fixed_section(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A warm start refused for its recipe (demonstrations longer than ``max_length``) after the baseline: the same
+    command with the fixed ``warm_start:`` keeps the baseline rung (not scored again), moves the failed RL attempt
+    aside and finishes; a change outside the RL sections, or after the RL rungs finished, is still refused."""
+    recipe = ladder_recipe(tmp_path, tiny_model_dir, "http://127.0.0.1:9/v1", apo=None,
+                           warm_start={"sources": ["teacher"], "max_steps": 1, "batch_size": 2, "max_length": 8})
+    with pytest.raises(WarmStartError, match="max_length=8"):
+        escalate(recipe, progress=False)
+    run = tmp_path / "ladder"
+    (baseline,) = LadderResult.model_validate_json((run / "ladder.json").read_text()).rungs
+    assert (run / "rl" / "metrics.jsonl").exists()
+
+    fixed = ladder_recipe(tmp_path, tiny_model_dir, "http://127.0.0.1:9/v1", apo=None)
+    result = escalate(fixed, progress=False)
+    assert [r.name for r in result.rungs] == ["baseline", "warm_start", "grpo"]
+    assert result.rungs[0] == baseline
+    (aside,) = run.glob("rl.before-*")
+    assert (aside / "metrics.jsonl").exists()
+    events = [json.loads(line).get("event") for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("demonstrations") == 1  # the new RL stage's metrics alone
+
+    finished = ladder_recipe(tmp_path, tiny_model_dir, "http://127.0.0.1:9/v1", apo=None,
+                             warm_start={"sources": ["teacher"], "max_steps": 2, "batch_size": 2})
+    with pytest.raises(EscalationError, match=r"changed after its RL rungs \(warm_start, grpo\) finished"):
+        escalate(finished, progress=False)
+    elsewhere = ladder_recipe(tmp_path, tiny_model_dir, "http://127.0.0.1:9/v1", apo=None, seed=3)
+    with pytest.raises(EscalationError, match="changed outside algorithm and warm_start"):
+        escalate(elsewhere, progress=False)
