@@ -14,6 +14,7 @@ engine takes; everything else runs on the real TransformersEngine.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import Iterator
@@ -494,6 +495,23 @@ def test_engine_failure_is_a_503(tiny_engine: TransformersEngine, store: MemoryS
         assert error["type"] == "engine_unavailable" and "closed" in error["message"]
         assert _post(live, {"model": "gpt-9", "messages": QUESTION}, rollout_id="ro-b").status_code == 404
     assert store.get_spans("ro-a") == []
+
+
+class StoppingEngine(ScriptedEngine):
+    """An engine shutting down under a request: its generation is cancelled, as an engine's pending requests are
+    when it stops or the event loop ends."""
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        raise asyncio.CancelledError
+
+
+def test_a_generation_cancelled_by_shutdown_is_a_503_not_a_traceback(
+    engine: TransformersEngine, store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    for live in _serve(StoppingEngine(engine.tokenizer, "Sunny."), store):
+        error = _error(_post(live, {"model": "scripted", "messages": QUESTION, "max_tokens": 2}), 503)
+        assert error["code"] == "server_shutting_down" and "shutting down" in error["message"]
+    assert "Exception in ASGI application" not in caplog.text
 
 
 def test_finished_rollout_drops_its_session(live: Live, store: MemoryStore) -> None:

@@ -47,6 +47,7 @@ from rltrain.gateway.completions import ChatService
 from rltrain.gateway.errors import (
     AuthenticationError,
     GatewayError,
+    GatewayStoppingError,
     InvalidRequestError,
     RequestTimeoutError,
     RequestTooLargeError,
@@ -200,6 +201,8 @@ async def _finished_unless_disconnected(request: Request, work: asyncio.Future[A
         work.cancel()
         logger.info("client disconnected; its generation was cancelled")
         return False
+    if work.cancelled():  # by the engine or the event loop shutting down, not by this client
+        raise GatewayStoppingError()
     if work.done():
         work.result()  # raises the call's error
     return True

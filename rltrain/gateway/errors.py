@@ -28,6 +28,17 @@ class GatewayError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class GatewayStoppingError(GatewayError):
+    """The request's generation was cancelled because the gateway (or its engine) is shutting down (503): the
+    client may retry against a running server. Without it the cancellation surfaced as an ASGI traceback."""
+
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("the gateway is shutting down; its generation for this request was cancelled",
+                         code="server_shutting_down")
+
+
 class InvalidRequestError(GatewayError):
     """Malformed JSON, a field that fails validation, or values the model cannot serve (400)."""
 
