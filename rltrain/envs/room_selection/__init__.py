@@ -12,10 +12,11 @@ demonstrations), ``solver`` (no model; the reference agent).
 
 Options (``env.options`` in a recipe): ``catalog`` (a catalog file; the packaged seven rooms by default),
 ``room_lines`` (``full``, ``brief`` or ``verdict_first``: how the inline prompt writes each room's checks, see
-:mod:`.prompts`, and how the ``checks`` tool writes its verdicts), ``tool_result`` (``full``, ``brief`` or ``checks``: which tool the tool agents call and what it
-returns for each room, see :mod:`.tools`; ``checks`` is a search that takes the whole request and returns each
-room's verdict) and ``answer_style`` (``choice``, ``passing`` or ``stepwise``: one ``final_choice`` line, the rooms
-that pass copied first, or those narrowed one tie-break at a time after them, see :mod:`.prompts`).
+:mod:`.prompts`, and how the ``checks`` tool writes its verdicts), ``tool_result`` (``full``, ``brief`` or
+``checks``: which tool the tool agents call and what it returns for each room, see :mod:`.tools`; ``checks`` is a
+search that takes the whole request and returns each room's verdict) and ``answer_style`` (``choice``,
+``passing`` or ``stepwise``: one ``final_choice`` line, the rooms that pass copied first, or those narrowed one
+tie-break at a time after them, see :mod:`.prompts`).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ Modes:
   task set, which checks the runner, store and grader end to end.
 
 How the inline prompt and the ``checks`` tool write the rooms (``room_lines``: ``full``, ``brief`` or
-``verdict_first``, see :mod:`.prompts`) is fixed per agent by :func:`make_agent`; the teacher of an inline agent must be made with the
-same setting.
+``verdict_first``, see :mod:`.prompts`) is fixed per agent by :func:`make_agent`; the teacher of an agent must be
+made with the same setting.
 
 Which catalog: an agent is made for one catalog by :func:`make_agent` (the environment passes its own), and
 a task whose payload carries a ``catalog`` (generated sets with ``catalogs=``) or names a ``catalog_path`` is
@@ -316,10 +316,10 @@ def make_agent(
 ) -> Agent:
     """The agent of ``mode`` (see :data:`AGENT_MODES`) answering against ``catalog`` (the reference catalog when
     ``None``); ``max_turns`` bounds the chat calls of the tool agents, ``room_lines`` is how the inline prompt
-    and the ``checks`` tool write the rooms (``full``, ``brief`` or ``verdict_first``), ``tool_result`` which tool the tool agents call
-    (``full``, ``brief`` or ``checks``, see :data:`.tools.TOOL_RESULTS`), ``answer_style`` how the teachers answer
-    (``choice``, ``passing`` or ``stepwise``, see :data:`.prompts.ANSWER_STYLES`; the student is asked for it by
-    the default prompts of the same style)."""
+    and the ``checks`` tool write the rooms (``full``, ``brief`` or ``verdict_first``), ``tool_result`` which tool
+    the tool agents call (``full``, ``brief`` or ``checks``, see :data:`.tools.TOOL_RESULTS`), ``answer_style``
+    how the teachers answer (``choice``, ``passing`` or ``stepwise``, see :data:`.prompts.ANSWER_STYLES`; the
+    student is asked for it by the default prompts of the same style)."""
     if mode not in AGENT_MODES:
         raise ValueError(f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}")
     if max_turns < 1:

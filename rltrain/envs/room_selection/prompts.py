@@ -242,11 +242,16 @@ def describe_check_brief(check: RoomCheck) -> str:
     return f"- {check.room.id}: {brief_verdict(check)}"
 
 
-def describe_check_verdict_first(check: RoomCheck) -> str:
-    """One room's line in the ``verdict_first`` inline prompt: ``- PASSES: Lyra (slack 2, ...)`` or
-    ``- FAILS: Orion (busy)``."""
+def verdict_first(check: RoomCheck) -> str:
+    """One room's verdict before its id: ``PASSES: Lyra (slack 2, ...)`` or ``FAILS: Orion (busy)`` (also what
+    the ``checks`` tool returns for each room with ``room_lines: verdict_first``)."""
     verdict, details = _verdict_parts(check)
-    return f"- {verdict}: {check.room.id} {details}"
+    return f"{verdict}: {check.room.id} {details}"
+
+
+def describe_check_verdict_first(check: RoomCheck) -> str:
+    """One room's line in the ``verdict_first`` inline prompt: ``- PASSES: Lyra (slack 2, ...)``."""
+    return f"- {verdict_first(check)}"
 
 
 _ROOM_LINE_WRITERS = {"brief": describe_check_brief, "verdict_first": describe_check_verdict_first}

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from rltrain.agent import tool_span
 from rltrain.envs.room_selection.catalog import Catalog
-from rltrain.envs.room_selection.prompts import RoomLines, brief_verdict, describe_check_verdict_first
+from rltrain.envs.room_selection.prompts import RoomLines, brief_verdict, verdict_first
 from rltrain.envs.room_selection.schema import Clock, IsoDate, describe_validation_error
 from rltrain.envs.room_selection.solver import check_rooms
 from rltrain.envs.room_selection.tasks import RoomRequest
@@ -120,7 +120,7 @@ def _verdicts(request: RoomRequest, catalog: Catalog, room_lines: RoomLines) -> 
     in the inline ``verdict_first`` prompt (see :mod:`.prompts`)."""
     checks = check_rooms(request, catalog)
     if room_lines == "verdict_first":
-        return [describe_check_verdict_first(check).removeprefix("- ") for check in checks]
+        return [verdict_first(check) for check in checks]
     return {check.room.id: brief_verdict(check) for check in checks}
 
 
