@@ -514,6 +514,28 @@ def test_a_generation_cancelled_by_shutdown_is_a_503_not_a_traceback(
     assert "Exception in ASGI application" not in caplog.text
 
 
+class StoppingMidStreamEngine(ScriptedEngine):
+    """An engine that streams its first token, then stops (shutdown) under the request."""
+
+    streams_tokens = True
+
+    async def generate(self, request: GenerationRequest, on_token: Any = None) -> GenerationResult:
+        on_token(0, self.completion_ids[0], -0.5)
+        await asyncio.sleep(0.05)  # the first chunk leaves before the generation is cancelled
+        raise asyncio.CancelledError
+
+
+def test_a_stream_cancelled_by_shutdown_ends_with_the_503_error_not_a_traceback(
+    engine: TransformersEngine, store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    for live in _serve(StoppingMidStreamEngine(engine.tokenizer, "Sunny."), store):
+        with pytest.raises(openai.APIError, match="shutting down"):
+            list(live.client().chat.completions.create(model="scripted", messages=QUESTION, stream=True))
+        response = _post(live, {"model": "scripted", "messages": QUESTION, "stream": True})
+        assert response.status_code == 200 and '"server_shutting_down"' in response.text
+    assert "Exception in ASGI application" not in caplog.text
+
+
 def test_finished_rollout_drops_its_session(live: Live, store: MemoryStore) -> None:
     live.client().chat.completions.create(model=live.engine.model_name, messages=QUESTION, max_tokens=2)
     assert len(live.service.sessions) == 1

@@ -219,7 +219,8 @@ async def _stream(
     rollout_id: str | None, attempt_no: int | None,
 ) -> Response:
     """A streamed completion: chunks leave as the engine samples tokens. An error before the first token is an
-    HTTP error like any other; after it, the stream ends with the error body."""
+    HTTP error like any other; after it (a generation cancelled by shutdown included), the stream ends with the
+    error body."""
     stream = LiveStream(
         service.chat_format, request_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
         model=body.model, n=body.n, stops=body.stop_strings, tools=bool(body.active_tools), logprobs=body.logprobs,
@@ -255,6 +256,8 @@ async def _stream(
                         yield event
                 break
             try:
+                if work.cancelled():  # by the engine or the event loop shutting down, mid-stream
+                    raise GatewayStoppingError()
                 result = work.result()
             except GatewayError as exc:
                 for event in stream.error(exc.body()):
