@@ -716,6 +716,38 @@ def test_checks_tool_writes_verdict_first_lines_when_the_environment_asks(
     assert [line for line in lines if line.startswith("PASSES: ")] == ["PASSES: Nova (slack 0, extra 1, 45 m, 0 bookings)"]
 
 
+def test_checks_tool_result_written_one_room_per_line_when_the_environment_asks(
+    scripted: Any, public: list[Task]
+) -> None:
+    """``tool_content: lines``: the tool message is plain text, one room per line, the inline prompt's lines for
+    ``verdict_first`` (without the list dash) and ``room: verdict`` for the name-keyed form; a refused call is one
+    ``error:`` line; a tool that returns room records cannot be written as lines (refused at construction, naming
+    the option)."""
+    task = public[1]
+    request = request_of(task.payload).model_dump()
+    for room_lines, passing in [("verdict_first", "PASSES: Nova (slack 0, "), ("full", "Nova: PASSES (slack 0, ")]:
+        env = get_env("room_selection", tool_result="checks", room_lines=room_lines, tool_content="lines")
+        chat = scripted([{"tool_calls": [_tool_call("c1", TOOL_NAME, GOOD_ARGS)]},
+                         {"tool_calls": [_tool_call("c2", TOOL_NAME, json.dumps(request))]},
+                         {"content": "final_choice: Nova"}])
+        resources = Resources(llm=_resources("tool", chat.base_url).llm, prompts=env.default_prompts("tool"))
+        reward, _ = _run_in_rollout(env.agent("tool"), task, resources)
+        refused, answered = [m["content"] for m in chat.requests[-1]["messages"] if m["role"] == "tool"]
+        assert reward == 1.0
+        assert refused.startswith("error: invalid arguments") and "attendees" in refused and "\n" not in refused
+        lines = answered.splitlines()
+        assert len(lines) == len(env.catalog.room_ids)
+        assert [line for line in lines if "PASSES" in line] == [line for line in lines if line.startswith(passing)]
+        assert len([line for line in lines if "PASSES" in line]) == 1
+        if room_lines == "verdict_first":
+            inline = prompt_values("inline", request_of(task.payload), env.catalog, "verdict_first")["rooms"]
+            assert [f"- {line}" for line in lines] == inline.splitlines()
+    with pytest.raises(ValueError, match="tool_content 'lines'.*'brief'"):
+        get_env("room_selection", tool_result="brief", tool_content="lines")
+    with pytest.raises(ValueError, match="tool_content must be one of"):
+        get_env("room_selection", tool_result="checks", tool_content="yaml")
+
+
 def test_tool_agent_stops_after_max_turns(scripted: Any, public: list[Task], catalog: Catalog) -> None:
     chat = scripted([{"tool_calls": [_tool_call(f"c{i}", TOOL_NAME, GOOD_ARGS)]} for i in range(2)])
     agent = make_agent("tool", catalog, max_turns=2)

@@ -14,7 +14,9 @@ Options (``env.options`` in a recipe): ``catalog`` (a catalog file; the packaged
 ``room_lines`` (``full``, ``brief`` or ``verdict_first``: how the inline prompt writes each room's checks, see
 :mod:`.prompts`, and how the ``checks`` tool writes its verdicts), ``tool_result`` (``full``, ``brief`` or
 ``checks``: which tool the tool agents call and what it returns for each room, see :mod:`.tools`; ``checks`` is a
-search that takes the whole request and returns each room's verdict) and ``answer_style`` (``choice``,
+search that takes the whole request and returns each room's verdict), ``tool_content`` (``json``, the default, or
+``lines``: the ``checks`` tool's result written one room per line, as the inline prompt writes them, see
+:data:`.tools.TOOL_CONTENTS`) and ``answer_style`` (``choice``,
 ``passing`` or ``stepwise``: one ``final_choice`` line, the rooms that pass copied first, or those narrowed one
 tie-break at a time after them, see :mod:`.prompts`).
 """
@@ -37,7 +39,7 @@ from rltrain.envs.room_selection.prompts import (
 from rltrain.envs.room_selection.schema import NO_ROOM
 from rltrain.envs.room_selection.solver import check_rooms
 from rltrain.envs.room_selection.tasks import request_of, resolve_tasks
-from rltrain.envs.room_selection.tools import TOOL_RESULTS, ToolResult
+from rltrain.envs.room_selection.tools import TOOL_CONTENTS, TOOL_RESULTS, ToolContent, ToolResult
 from rltrain.types import PromptTemplate, Span, SpanKind, Task
 
 
@@ -52,6 +54,7 @@ class RoomSelectionEnv:
         room_lines: RoomLines = "full",
         tool_result: ToolResult = "full",
         answer_style: AnswerStyle = "choice",
+        tool_content: ToolContent = "json",
     ) -> None:
         if room_lines not in ROOM_LINES:
             raise ValueError(f"room_selection option room_lines must be one of {list(ROOM_LINES)}, got {room_lines!r}")
@@ -63,12 +66,20 @@ class RoomSelectionEnv:
             raise ValueError(
                 f"room_selection option answer_style must be one of {list(ANSWER_STYLES)}, got {answer_style!r}"
             )
+        if tool_content not in TOOL_CONTENTS:
+            raise ValueError(
+                f"room_selection option tool_content must be one of {list(TOOL_CONTENTS)}, got {tool_content!r}"
+            )
+        if tool_content == "lines" and tool_result != "checks":
+            raise ValueError(f"room_selection option tool_content 'lines' writes the checks tool's verdicts one room "
+                             f"a line; tool_result is {tool_result!r}: set tool_result: checks, or tool_content: json")
         path = reference_catalog_path() if str(catalog) == "reference" else Path(catalog)
         self.catalog_path = path
         self.catalog: Catalog = load_catalog(path)
         self.room_lines: RoomLines = room_lines
         self.tool_result: ToolResult = tool_result
         self.answer_style: AnswerStyle = answer_style
+        self.tool_content: ToolContent = tool_content
         self._agents: dict[str, Agent] = {}
 
     def load_tasks(self, spec: str) -> list[Task]:
@@ -78,7 +89,7 @@ class RoomSelectionEnv:
         if mode not in self._agents:
             self._agents[mode] = make_agent(
                 mode, self.catalog, room_lines=self.room_lines, tool_result=self.tool_result,
-                answer_style=self.answer_style,
+                answer_style=self.answer_style, tool_content=self.tool_content,
             )
         return self._agents[mode]
 
@@ -133,7 +144,8 @@ class RoomSelectionEnv:
     def __repr__(self) -> str:
         return (
             f"RoomSelectionEnv(catalog={str(self.catalog_path)!r}, room_lines={self.room_lines!r}, "
-            f"tool_result={self.tool_result!r}, answer_style={self.answer_style!r})"
+            f"tool_result={self.tool_result!r}, answer_style={self.answer_style!r}, "
+            f"tool_content={self.tool_content!r})"
         )
 
 

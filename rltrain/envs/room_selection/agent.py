@@ -63,12 +63,15 @@ from rltrain.envs.room_selection.schema import describe_validation_error
 from rltrain.envs.room_selection.solver import grade, solve
 from rltrain.envs.room_selection.tasks import RoomRequest, request_of
 from rltrain.envs.room_selection.tools import (
+    TOOL_CONTENTS,
     TOOL_NAME,
     TOOL_RESULTS,
+    ToolContent,
     ToolResult,
     execute_tool_call,
     query_model,
     tool_definitions,
+    tool_message_content,
 )
 from rltrain.types import LLMResource, PromptTemplate, Resources, SpanKind
 
@@ -158,6 +161,7 @@ def _answer_with_tools(
     tool_result: ToolResult = "full",
     room_lines: RoomLines = "full",
     answer_style: AnswerStyle = "choice",
+    tool_content: ToolContent = "json",
 ) -> str:
     """Chat with tools until the model answers without calling one (or ``max_turns`` calls are spent).
 
@@ -197,7 +201,8 @@ def _answer_with_tools(
             )
             for call, (name, arguments) in zip(message.tool_calls, calls, strict=True):
                 result = execute_tool_call(name, arguments, catalog, tool_result, room_lines)
-                messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+                messages.append({"role": "tool", "tool_call_id": call.id,
+                                 "content": tool_message_content(result, tool_content)})
     logger.debug("tool agent used all %d turns without a final answer", max_turns)
     return message.content or ""
 
@@ -313,13 +318,15 @@ def make_agent(
     room_lines: RoomLines = "full",
     tool_result: ToolResult = "full",
     answer_style: AnswerStyle = "choice",
+    tool_content: ToolContent = "json",
 ) -> Agent:
     """The agent of ``mode`` (see :data:`AGENT_MODES`) answering against ``catalog`` (the reference catalog when
     ``None``); ``max_turns`` bounds the chat calls of the tool agents, ``room_lines`` is how the inline prompt
     and the ``checks`` tool write the rooms (``full``, ``brief`` or ``verdict_first``), ``tool_result`` which tool
     the tool agents call (``full``, ``brief`` or ``checks``, see :data:`.tools.TOOL_RESULTS`), ``answer_style``
     how the teachers answer (``choice``, ``passing`` or ``stepwise``, see :data:`.prompts.ANSWER_STYLES`; the
-    student is asked for it by the default prompts of the same style)."""
+    student is asked for it by the default prompts of the same style), ``tool_content`` how a tool result is
+    written into the conversation (``json`` or, for ``checks``, ``lines``: see :data:`.tools.TOOL_CONTENTS`)."""
     if mode not in AGENT_MODES:
         raise ValueError(f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}")
     if max_turns < 1:
@@ -330,15 +337,21 @@ def make_agent(
         raise ValueError(f"tool_result must be one of {list(TOOL_RESULTS)}, got {tool_result!r}")
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer_style must be one of {list(ANSWER_STYLES)}, got {answer_style!r}")
+    if tool_content not in TOOL_CONTENTS:
+        raise ValueError(f"tool_content must be one of {list(TOOL_CONTENTS)}, got {tool_content!r}")
+    if tool_content == "lines" and tool_result != "checks":
+        raise ValueError(f"tool_content 'lines' writes the checks tool's verdicts one room per line; tool_result is "
+                         f"{tool_result!r} (room records): use tool_result: checks, or tool_content: json")
     answerers: dict[str, Answerer] = {
         "tool": functools.partial(
-            _answer_with_tools, max_turns=max_turns, tool_result=tool_result, room_lines=room_lines
+            _answer_with_tools, max_turns=max_turns, tool_result=tool_result, room_lines=room_lines,
+            tool_content=tool_content,
         ),
         "inline": functools.partial(_answer_inline, room_lines=room_lines),
         "teacher": functools.partial(_answer_as_teacher, room_lines=room_lines, answer_style=answer_style),
         "tool_teacher": functools.partial(
             _answer_with_tools, max_turns=max_turns, teacher=True, tool_result=tool_result,
-            room_lines=room_lines, answer_style=answer_style,
+            room_lines=room_lines, answer_style=answer_style, tool_content=tool_content,
         ),
         "solver": _answer_with_solver,
     }

@@ -33,6 +33,15 @@ with the checks it fails (~12 tokens a room, the inline ``brief`` room lines, or
 environment's ``room_lines: verdict_first``): the model must copy the request into the call correctly (a wrong
 head count gives wrong verdicts) and pick the best passing room."""
 
+ToolContent = Literal["json", "lines"]
+TOOL_CONTENTS: tuple[ToolContent, ...] = ("json", "lines")
+"""How a tool result is written into the conversation (the ``tool`` message's content): ``json`` (the OpenAI
+convention, ``{"rooms": ...}``) or, for the ``checks`` tool only, ``lines``: one room per line, as the inline
+prompt writes them (``PASSES: Lyra (slack 2, ...)`` with ``room_lines: verdict_first``, else ``Lyra: PASSES
+(...)``), and ``error: ...`` for a refused call. A small model copies the passing rooms out of lines far more
+reliably than out of one line of quoted JSON strings (measured on the random-catalog tool ladder: the passing list
+was right for 75 of 100 unseen requests in JSON, 88-100 % in the inline lines)."""
+
 
 class ToolCallError(ValueError):
     """A tool call the environment cannot execute; its message is what the model is told."""
@@ -141,6 +150,19 @@ def get_rooms_and_availability(
             rooms.append({**room.model_dump(exclude={"booked"}), "free": free,
                           "bookings_that_day": room.bookings_on(query.date)})
     return {"rooms": rooms}
+
+
+def tool_message_content(result: dict[str, Any], content: ToolContent = "json") -> str:
+    """The ``tool`` message's content for a result of :func:`execute_tool_call` (see :data:`TOOL_CONTENTS`;
+    ``lines`` only for the ``checks`` tool, whose verdicts are strings: :func:`.agent.make_agent` refuses others)."""
+    if content == "json":
+        return json.dumps(result)
+    if "error" in result:
+        return f"error: {result['error']}"
+    rooms = result["rooms"]
+    if isinstance(rooms, dict):
+        return "\n".join(f"{room}: {verdict}" for room, verdict in rooms.items())
+    return "\n".join(rooms)
 
 
 def parse_tool_call(name: str, arguments: str, result: ToolResult = "full") -> AvailabilityQuery:
