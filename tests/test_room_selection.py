@@ -887,6 +887,8 @@ def test_env_registry_and_protocol(env: RoomSelectionEnv) -> None:
         get_env("rooms")
     with pytest.raises(EnvironmentOptionsError, match="does not accept options"):
         get_env("room_selection", catalogue="x.json")
+    with pytest.raises(EnvironmentOptionsError, match=r"env.options: room_selection option room_lines .*'bogus'"):
+        get_env("room_selection", room_lines="bogus")
 
 
 def test_two_catalogs_in_one_process(tmp_path: Path, env: RoomSelectionEnv) -> None:

@@ -29,8 +29,9 @@ class UnknownEnvironmentError(KeyError):
         return str(self.args[0])
 
 
-class EnvironmentOptionsError(TypeError):
-    """Options that the named environment does not accept."""
+class EnvironmentOptionsError(TypeError, ValueError):
+    """Options that the named environment does not accept: an unknown name (a ``TypeError`` from its signature) or
+    a value it refuses (the ``ValueError`` its constructor raised), reported by the CLI as one line."""
 
 
 def register_env(name: str, factory: EnvFactory) -> None:
@@ -58,7 +59,8 @@ def _factory(name: str) -> EnvFactory:
 
 
 def get_env(name: str, **options: Any) -> Environment:
-    """The environment registered as ``name``, built with ``options`` (checked against its signature)."""
+    """The environment registered as ``name``, built with ``options`` (checked against its signature; a value its
+    constructor refuses with a ``ValueError`` becomes an :class:`EnvironmentOptionsError` naming ``env.options``)."""
     factory = _factory(name)
     try:
         inspect.signature(factory).bind(**options)
@@ -67,7 +69,10 @@ def get_env(name: str, **options: Any) -> Environment:
             f"environment {name!r} does not accept options {sorted(options)}: {exc}; "
             f"its signature is {name}{inspect.signature(factory)}"
         ) from None
-    return factory(**options)
+    try:
+        return factory(**options)
+    except ValueError as exc:
+        raise EnvironmentOptionsError(f"env.options: {exc}") from exc
 
 
 __all__ = [
