@@ -26,12 +26,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rltrain.agent import Agent
-from rltrain.envs.room_selection.agent import AGENT_MODES, GRADE_SPAN, catalog_for, make_agent
+from rltrain.envs.room_selection.agent import AGENT_MODES, GRADE_SPAN, catalog_for, check_options, make_agent
 from rltrain.envs.room_selection.catalog import Catalog, load_catalog, reference_catalog_path
 from rltrain.envs.room_selection.prompts import (
-    ANSWER_STYLES,
     PROMPT_FORMS,
-    ROOM_LINES,
     AnswerStyle,
     RoomLines,
     default_prompts,
@@ -39,7 +37,7 @@ from rltrain.envs.room_selection.prompts import (
 from rltrain.envs.room_selection.schema import NO_ROOM
 from rltrain.envs.room_selection.solver import check_rooms
 from rltrain.envs.room_selection.tasks import request_of, resolve_tasks
-from rltrain.envs.room_selection.tools import TOOL_CONTENTS, TOOL_RESULTS, ToolContent, ToolResult
+from rltrain.envs.room_selection.tools import ToolContent, ToolResult
 from rltrain.types import PromptTemplate, Span, SpanKind, Task
 
 
@@ -56,23 +54,7 @@ class RoomSelectionEnv:
         answer_style: AnswerStyle = "choice",
         tool_content: ToolContent = "json",
     ) -> None:
-        if room_lines not in ROOM_LINES:
-            raise ValueError(f"room_selection option room_lines must be one of {list(ROOM_LINES)}, got {room_lines!r}")
-        if tool_result not in TOOL_RESULTS:
-            raise ValueError(
-                f"room_selection option tool_result must be one of {list(TOOL_RESULTS)}, got {tool_result!r}"
-            )
-        if answer_style not in ANSWER_STYLES:
-            raise ValueError(
-                f"room_selection option answer_style must be one of {list(ANSWER_STYLES)}, got {answer_style!r}"
-            )
-        if tool_content not in TOOL_CONTENTS:
-            raise ValueError(
-                f"room_selection option tool_content must be one of {list(TOOL_CONTENTS)}, got {tool_content!r}"
-            )
-        if tool_content == "lines" and tool_result != "checks":
-            raise ValueError(f"room_selection option tool_content 'lines' writes the checks tool's verdicts one room "
-                             f"a line; tool_result is {tool_result!r}: set tool_result: checks, or tool_content: json")
+        check_options(room_lines, tool_result, answer_style, tool_content)
         path = reference_catalog_path() if str(catalog) == "reference" else Path(catalog)
         self.catalog_path = path
         self.catalog: Catalog = load_catalog(path)

@@ -311,6 +311,22 @@ def record_grade(answer_text: str, expected: str, catalog: Catalog, own_catalog:
     return result.reward
 
 
+def check_options(
+    room_lines: str, tool_result: str, answer_style: str, tool_content: str
+) -> None:
+    """Refuse an option value the agents cannot use, with a ``ValueError`` naming the option, its value and the
+    values it may take (the environment checks them when it is built, before any agent is made)."""
+    for option, value, allowed in [("room_lines", room_lines, ROOM_LINES), ("tool_result", tool_result, TOOL_RESULTS),
+                                   ("answer_style", answer_style, ANSWER_STYLES),
+                                   ("tool_content", tool_content, TOOL_CONTENTS)]:
+        if value not in allowed:
+            raise ValueError(f"room_selection option {option} must be one of {list(allowed)}, got {value!r}")
+    if tool_content == "lines" and tool_result != "checks":
+        raise ValueError(f"room_selection option tool_content 'lines' writes the checks tool's verdicts one room a "
+                         f"line; tool_result is {tool_result!r} (room records): set tool_result: checks, or "
+                         "tool_content: json")
+
+
 def make_agent(
     mode: str,
     catalog: Catalog | None = None,
@@ -331,17 +347,7 @@ def make_agent(
         raise ValueError(f"unknown room-selection agent mode {mode!r}; expected one of {list(AGENT_MODES)}")
     if max_turns < 1:
         raise ValueError(f"max_turns must be at least 1, got {max_turns}")
-    if room_lines not in ROOM_LINES:
-        raise ValueError(f"room_lines must be one of {list(ROOM_LINES)}, got {room_lines!r}")
-    if tool_result not in TOOL_RESULTS:
-        raise ValueError(f"tool_result must be one of {list(TOOL_RESULTS)}, got {tool_result!r}")
-    if answer_style not in ANSWER_STYLES:
-        raise ValueError(f"answer_style must be one of {list(ANSWER_STYLES)}, got {answer_style!r}")
-    if tool_content not in TOOL_CONTENTS:
-        raise ValueError(f"tool_content must be one of {list(TOOL_CONTENTS)}, got {tool_content!r}")
-    if tool_content == "lines" and tool_result != "checks":
-        raise ValueError(f"tool_content 'lines' writes the checks tool's verdicts one room per line; tool_result is "
-                         f"{tool_result!r} (room records): use tool_result: checks, or tool_content: json")
+    check_options(room_lines, tool_result, answer_style, tool_content)
     answerers: dict[str, Answerer] = {
         "tool": functools.partial(
             _answer_with_tools, max_turns=max_turns, tool_result=tool_result, room_lines=room_lines,
