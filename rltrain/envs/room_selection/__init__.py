@@ -16,9 +16,8 @@ Options (``env.options`` in a recipe): ``catalog`` (a catalog file; the packaged
 ``checks``: which tool the tool agents call and what it returns for each room, see :mod:`.tools`; ``checks`` is a
 search that takes the whole request and returns each room's verdict), ``tool_content`` (``json``, the default, or
 ``lines``: the ``checks`` tool's result written one room per line, as the inline prompt writes them, see
-:data:`.tools.TOOL_CONTENTS`) and ``answer_style`` (``choice``,
-``passing`` or ``stepwise``: one ``final_choice`` line, the rooms that pass copied first, or those narrowed one
-tie-break at a time after them, see :mod:`.prompts`).
+:data:`.tools.TOOL_CONTENTS`) and ``answer_style`` (``choice``, ``passing`` or ``stepwise``: one ``final_choice``
+line, the rooms that pass copied first, or those narrowed one tie-break at a time after them, see :mod:`.prompts`).
 """
 
 from __future__ import annotations

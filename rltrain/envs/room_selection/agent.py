@@ -311,9 +311,7 @@ def record_grade(answer_text: str, expected: str, catalog: Catalog, own_catalog:
     return result.reward
 
 
-def check_options(
-    room_lines: str, tool_result: str, answer_style: str, tool_content: str
-) -> None:
+def check_options(room_lines: str, tool_result: str, answer_style: str, tool_content: str) -> None:
     """Refuse an option value the agents cannot use, with a ``ValueError`` naming the option, its value and the
     values it may take (the environment checks them when it is built, before any agent is made)."""
     for option, value, allowed in [("room_lines", room_lines, ROOM_LINES), ("tool_result", tool_result, TOOL_RESULTS),
