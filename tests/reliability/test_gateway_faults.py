@@ -230,11 +230,30 @@ def _raw_connection(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=EVENT_LIMIT_S)
 
 
+def _whole_response(client: socket.socket) -> bytes:
+    """Headers and the whole body (its Content-Length): one ``recv`` may return the headers alone."""
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _content_length(answer):
+        chunk = client.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+def _content_length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
 def test_a_half_sent_body_times_out_with_408(engine: TransformersEngine) -> None:
     with serve(engine, MemoryStore(), body_timeout_s=0.5) as served, _raw_connection(served.url) as client:
         client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Content-Length: 1000\r\n\r\n{\"model\": ")
-        answer = client.recv(65536)
+        answer = _whole_response(client)
     assert answer.startswith(b"HTTP/1.1 408")
     assert b"request_timeout" in answer
 
