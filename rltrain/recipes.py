@@ -209,9 +209,14 @@ class EngineConfig(_Section):
         "`rltrain[gpu]` or Dockerfile.gpu on GPU), or `auto`: `vllm` when `engine.vllm.program()` is installed and "
         "the recipe is one vLLM can serve and train, else `transformers` (decided when the recipe is read).",
     )
-    max_batch_size: int = Field(default=8, ge=1, description="Dynamic batching: most sequences per batch.")
+    max_batch_size: int = Field(
+        default=8, ge=1,
+        description="Embedded engine: most rows (sequences) decoded together; requests that arrive while a batch "
+        "decodes join it as rows finish (continuous batching).",
+    )
     batch_window_ms: float = Field(
-        default=15.0, ge=0.0, description="Dynamic batching: how long to wait for more requests."
+        default=15.0, ge=0.0,
+        description="Embedded engine: how long an idle engine waits for more requests before its first batch.",
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Used when `kind` is `vllm`.")
 

@@ -15,9 +15,11 @@ from rltrain.engines.transformers import (
     SHARED_PREFIX_MIN_TOKENS,
     InvalidRequestError,
     TransformersEngine,
+    _BufferLayer,
     _filter_top_k_top_p,
     _inverse_cdf_sample,
     _shared_prefix_length,
+    _widened,
 )
 from rltrain.models import DEFAULT_MODEL, load_model_and_tokenizer
 
@@ -121,6 +123,66 @@ def test_a_prompt_prefix_shared_by_a_batch_is_computed_once_and_changes_nothing(
         for want, got in zip(single.completions, batched.completions, strict=True):
             assert got.completion_ids == want.completion_ids
             assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_a_request_joins_the_running_batch_and_is_answered_before_it_ends(
+    make_engine: Callable[..., TransformersEngine],
+) -> None:
+    """Continuous batching: a request that arrives while a batch decodes joins it at the next step (no second
+    batch), starts from the system-prompt prefix the batch already computed, and is answered as soon as its own
+    rows finish, with the tokens and logprobs it gets alone."""
+    engine = make_engine(batch_window_ms=0)
+    system = "You are a scheduling assistant. Pick the best room that passes every check, else No Room. " * 2
+
+    def prompt(question: str) -> list[int]:
+        return engine.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            add_generation_prompt=True, tokenize=True, return_dict=False,
+        )
+
+    early = [greedy(prompt(QUESTIONS[0]), max_tokens=40), greedy(prompt(QUESTIONS[3]), max_tokens=40)]
+    late = GenerationRequest(prompt_ids=prompt(QUESTIONS[1]), max_tokens=4, temperature=1.0, seed=3, n=2)
+    alone = [run(engine.generate(request)) for request in [*early, late]]
+    batches_before = engine.stats.batches
+    prefix_before = engine.stats.shared_prefix_tokens
+    shared = _shared_prefix_length([tuple(request.prompt_ids) for request in [*early, late]])
+
+    async def scenario() -> tuple[list[GenerationResult], GenerationResult, bool]:
+        started = asyncio.Event()
+
+        def on_token(index: int, token: int, logprob: float) -> None:
+            started.set()
+
+        running = [asyncio.create_task(engine.generate(request, on_token)) for request in early]
+        await started.wait()  # the early batch decodes
+        joined = await engine.generate(late)
+        still_running = not any(task.done() for task in running)
+        return list(await asyncio.gather(*running)), joined, still_running
+
+    early_results, late_result, early_still_running = run(scenario())
+    assert early_still_running  # answered while its batch mates were still decoding
+    assert engine.stats.batches == batches_before + 1  # it joined; no second batch
+    assert engine.stats.largest_batch == 4
+    # the early pair shares the prefix once; the late request reuses it instead of running it again
+    assert shared >= SHARED_PREFIX_MIN_TOKENS
+    assert engine.stats.shared_prefix_tokens - prefix_before == shared + shared
+    for single, batched in zip(alone, [*early_results, late_result], strict=True):
+        for want, got in zip(single.completions, batched.completions, strict=True):
+            assert got.completion_ids == want.completion_ids
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_the_kv_buffer_grows_when_a_row_outlives_its_room() -> None:
+    """Appending past the planned room doubles the buffer and keeps every earlier column."""
+    keys = torch.randn(2, 3, 4, 8)
+    layer = _BufferLayer(_widened(keys, 4, 5), _widened(keys.clone(), 4, 5), length=4)
+    extra = torch.randn(2, 3, 3, 8)
+    all_keys, _ = layer.update(extra, extra.clone())
+    assert layer.key_buffer.shape[2] == 14
+    assert torch.equal(all_keys, torch.cat([keys, extra], dim=2))
+    layer.batch_select_indices(torch.tensor([1]))
+    layer.drop_leading(2)
+    assert torch.equal(layer.keys, torch.cat([keys, extra], dim=2)[1:, :, 2:])
 
 
 def test_the_shared_prefix_is_long_enough_and_leaves_every_prompt_a_token() -> None:

@@ -4,25 +4,31 @@ Why a hand-written decode loop instead of ``model.generate``: every request in a
 temperature, top-p, top-k, seed, ``max_tokens`` and stop tokens, rows leave the batch as soon as they finish,
 and the logprob of every sampled token comes out exactly, which ``generate`` does not give per row.
 
-How a request is served:
+How a request is served (continuous batching):
 
 1. :meth:`TransformersEngine.generate` validates it (a bad request fails alone, before it can share a batch)
    and puts it on a queue.
-2. One worker thread takes the first queued request, then collects whatever else arrives within
-   ``batch_window_ms``, up to ``max_batch_size`` rows (a request with ``n`` completions is ``n`` rows).
-3. Prompts are left-padded with an attention mask and explicit position ids, so a padded row computes exactly
-   what it would alone; identical prompts (the ``n`` rows of one request, say) are prefilled once and their
-   KV cache rows duplicated. A prefix that every distinct prompt of the batch starts with (an agent's system
-   prompt and tool schema: ~450 of the ~530 tokens of a tool-mode room request) is computed once and its KV
-   cache shared: each prompt then runs only its own tokens, padded between the prefix and them. On a CPU,
-   where the prompt pass is most of a batch's time, that is the difference between re-reading the system
-   prompt for every request and reading it once a batch. Finished rows are dropped from the KV cache; the
-   batch ends when all are done.
+2. One worker thread runs a batch of at most ``max_batch_size`` rows (a request with ``n`` completions is ``n``
+   rows). An idle worker takes the first queued request and whatever else arrives within ``batch_window_ms``;
+   a busy one, between two decode steps, lets queued rows join the running batch as far as there is room. An
+   agent's next chat call thus joins while its earlier batch mates still decode, instead of waiting for the
+   longest row of a batch (``benchmarks/bench_engine_batching.py``).
+3. Joining rows are prefilled together: left-padded with an attention mask and explicit position ids, so a
+   padded row computes exactly what it would alone; identical prompts (the ``n`` rows of one request, say) are
+   prefilled once and their KV cache rows duplicated. A prefix that every distinct prompt starts with (an
+   agent's system prompt and tool schema: ~450 of the ~530 tokens of a tool-mode room request) is computed once
+   and its KV cache shared, and kept while the batch runs, so rows that join later start from it too. On a
+   CPU, where the prompt pass is most of a prefill's time, that is the difference between re-reading the
+   system prompt for every request and reading it once. The joining rows' cache is then right-aligned with the
+   running rows' in buffers that have room for every row's remaining tokens: a decode step writes its token in
+   place (``torch.cat`` growth copied the whole cache every step). Finished rows leave the batch at once, and a
+   request is answered as soon as its own rows finish.
 4. Each sampled token goes to the request's ``on_token`` callback as soon as it is sampled (streaming), and results
    go back to each caller's event loop, both with ``call_soon_threadsafe``. A caller that gives up (its task is
    cancelled: the HTTP client went away) marks its request cancelled; its rows leave the batch at the next
-   decode step, so abandoned work stops within one token. An exception fails the futures of
-   its batch only, as :class:`EngineError`; the worker goes on with the next batch.
+   decode step, so abandoned work stops within one token. An exception fails the requests of the rows it hit
+   only (a prefill: the joining rows'; a decode step: the running batch's), as :class:`EngineError`; the worker
+   goes on with the next batch.
 5. Should the worker thread itself die (an error outside a batch's decode, a ``BaseException``), the engine
    stops: every queued request and every later ``generate`` fails at once with :class:`EngineError` naming
    the reason (:attr:`TransformersEngine.failure`), instead of waiting forever for a thread that is gone.
@@ -33,8 +39,9 @@ vocabulary (before top-k / top-p filtering); with ``temperature == 0`` (greedy) 
 trains on these samples, so the importance ratios start at 1 when the weights have not moved.
 
 Weights: the engine can share the trainer's model object (PEFT-wrapped or not), so it always samples with the
-current weights. The worker holds :attr:`TransformersEngine.weights_lock` for a whole batch (and switches the
-model to eval mode for it, restoring the previous mode after); whoever changes the weights holds the same lock
+current weights. The worker holds :attr:`TransformersEngine.weights_lock` while a batch runs, from its first row
+until it empties (and switches the model to eval mode for it, restoring the previous mode after), so every row
+of a batch, joiners included, samples with one set of weights; whoever changes the weights holds the same lock
 around the change and bumps the version with :meth:`TransformersEngine.set_policy_version`. The request's
 ``adapter`` field is therefore not used for selection: every result says which ``policy_version`` produced it.
 """
@@ -42,6 +49,7 @@ around the change and bumps the version with :meth:`TransformersEngine.set_polic
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import queue
@@ -52,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rltrain.engines.base import (
     Completion,
@@ -115,6 +124,11 @@ class _Pending:
     on_token: OnToken | None = None
     #: set (on the caller's loop) when the caller stopped waiting; read by the worker between decode steps
     cancelled: bool = False
+    #: the request's ``n`` rows (made when the worker accepts it) and how many of them joined the running batch
+    rows: list[_Row] = field(default_factory=list)
+    admitted: int = 0
+    #: rows not finished yet; the request is answered when it reaches 0
+    unfinished: int = 0
 
     def cancel_when_abandoned(self) -> None:
         def mark(future: asyncio.Future[GenerationResult]) -> None:
@@ -205,7 +219,15 @@ class TransformersEngine:
         self._stats_lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._closed = False
-        self._serving: list[_Pending] = []  # the batch being decoded, which close() stops
+        #: accepted requests not answered yet (running or waiting for room), which close() stops
+        self._serving: list[_Pending] = []
+        # worker-thread state: requests waiting for room in the batch, the batch, the prompt prefix it keeps
+        self._waiting: collections.deque[_Pending] = collections.deque()
+        self._running: _Running | None = None
+        self._prefix: _CachedPrefix | None = None
+        self._stopping = False
+        self._holding_weights = False
+        self._was_training = False
         #: why the worker thread died (``None`` while it runs); a dead engine refuses every request with it
         self.failure: str | None = None
         self._state_lock = threading.Lock()
@@ -317,49 +339,209 @@ class TransformersEngine:
             )
 
     def _run(self) -> None:
-        """Worker loop: collect a batch, serve it, repeat until the stop marker (queued last by ``close``).
+        """Worker loop (continuous batching): between two decode steps, requests that arrived join the running
+        batch as far as ``max_batch_size`` rows allow, and a request is answered as soon as its own rows finish.
 
-        Whatever escapes the loop is about to end this thread: :meth:`_die` first fails the requests it held
-        and the queued ones and closes the engine, so no caller waits for a result that will never come."""
-        carry: Any = None
-        held: list[Any] = []
+        An agent's next turn can so join the batch while its earlier batch mates still decode, instead of waiting
+        for the longest row of a batch to finish. Whatever escapes the loop is about to end this thread:
+        :meth:`_die` first fails every request it holds and the queued ones and closes the engine, so no caller
+        waits for a result that will never come."""
         try:
             while True:
-                first = carry if carry is not None else self._queue.get()
-                carry = None
-                if first is _STOP:
+                if self._running is None and not self._waiting:
+                    self._take(self._queue.get())  # idle: wait for work, then for batch mates
+                    self._collect_window()
+                else:
+                    self._drain()
+                if self._stopping:
+                    for pending in list(self._waiting):
+                        self._answer(pending, EngineError(self._refusal()))
+                    self._waiting.clear()
+                self._admit()
+                if self._running is not None:
+                    self._step()
+                elif self._stopping:
                     return
-                held = [first]
-                carry = self._collect(held)
-                self._serve(held)
-                held = []
         except BaseException as exc:  # noqa: BLE001 - logged and kept as the engine's failure; the thread ends
-            self._die(exc, [*held, carry])
+            self._die(exc)
 
-    def _collect(self, batch: list[_Pending]) -> Any:
-        """Append to ``batch`` what arrives within the batch window, up to ``max_batch_size`` rows; returns the
-        first item that did not fit (a request or the stop marker), or ``None``."""
-        rows = batch[0].request.n
+    def _take(self, item: Any) -> None:
+        """Accept one queue item: the stop marker, or a request whose rows then wait for room in the batch."""
+        if item is _STOP:
+            self._stopping = True
+            return
+        pending: _Pending = item
+        pending.rows = _rows_of(pending, self._eos_ids)
+        pending.unfinished = len(pending.rows)
+        with self._state_lock:
+            self._serving.append(pending)
+            if self._closed:  # what was queued before close() fails: see close()
+                pending.cancelled = True
+        self._waiting.append(pending)
+
+    def _waiting_rows(self) -> int:
+        return sum(len(pending.rows) - pending.admitted for pending in self._waiting)
+
+    def _collect_window(self) -> None:
+        """Take what arrives within the batch window, until ``max_batch_size`` rows wait."""
         deadline = time.monotonic() + self.batch_window_s
-        while rows < self.max_batch_size:
+        while self._waiting_rows() < self.max_batch_size and not self._stopping:
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                self._take(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
-                return None
-            if item is _STOP or rows + item.request.n > self.max_batch_size:
-                return item
-            batch.append(item)
-            rows += item.request.n
-        return None
+                return
 
-    def _die(self, exc: BaseException, held: list[Any]) -> None:
+    def _drain(self) -> None:
+        """Take whatever is queued, without waiting: the batch is busy."""
+        while True:
+            try:
+                self._take(self._queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def _admit(self) -> None:
+        """Prefill waiting rows (as many as the batch has room for, in arrival order) and join them to the batch.
+
+        A failing prefill fails the requests of those rows only; the running batch goes on."""
+        free = self.max_batch_size - (len(self._running.rows) if self._running is not None else 0)
+        joining: list[_Row] = []
+        while self._waiting and free > 0:
+            pending = self._waiting[0]
+            if pending.cancelled:  # its caller gave up (or close() stopped it) before it could join
+                self._waiting.popleft()
+                self._answer(pending, EngineError(self._refusal() if self._closed else "request cancelled"))
+                continue
+            count = min(free, len(pending.rows) - pending.admitted)
+            joining.extend(pending.rows[pending.admitted : pending.admitted + count])
+            pending.admitted += count
+            free -= count
+            if pending.admitted == len(pending.rows):
+                self._waiting.popleft()
+        if not joining:
+            return
+        starting = self._running is None
+        if starting:
+            self._begin_batch()
+        try:
+            with torch.no_grad():
+                part = self._prefill(joining)
+        except Exception as exc:  # noqa: BLE001 - logged by _fail; a prefill failure is the joining rows' only
+            self._fail({id(row.owner): row.owner for row in joining if row.owner is not None}.values(), exc)
+            if starting:
+                self._end_batch()
+            return
+        running = self._running if self._running is not None else _Running.empty(self._policy_version)
+        running.join(joining, part)
+        self._running = running
+        with self._stats_lock:
+            self._stats.largest_batch = max(self._stats.largest_batch, len(running.rows))
+
+    def _begin_batch(self) -> None:
+        """A batch starts: hold the weights (see the module docstring) and switch the model to eval mode."""
+        self.weights_lock.acquire()
+        self._holding_weights = True
+        self._was_training = self.model.training
+        self.model.eval()
+        with self._stats_lock:
+            self._stats.batches += 1
+
+    def _end_batch(self) -> None:
+        """The batch emptied (or failed): restore the model's mode, forget the prefix, let the weights change."""
+        self._running = None
+        self._prefix = None  # computed with these weights, which may change once the lock is released
+        self.model.train(self._was_training)
+        self._holding_weights = False
+        self.weights_lock.release()
+
+    def _step(self) -> None:
+        """Sample one token for every row of the batch, answer the requests whose rows all finished, drop the
+        finished rows and run the model one token further for the rest."""
+        running = self._running
+        assert running is not None
+        try:
+            tokens, logprobs = _sample(running.rows, running.logits)
+            still: list[int] = []
+            cancelled = 0
+            answered: list[_Pending] = []
+            for slot, (row, token, logprob) in enumerate(zip(running.rows, tokens.tolist(), logprobs, strict=True)):
+                row.ids.append(token)
+                row.logprobs.append(logprob)
+                owner = row.owner
+                if owner is not None:
+                    owner.report(row.index, token, logprob)
+                if owner is not None and owner.cancelled:
+                    row.finish_reason = "length"  # never read back: its caller is gone
+                    cancelled += 1
+                elif token in row.stop_ids:
+                    row.finish_reason = "stop"
+                elif len(row.ids) >= row.max_tokens:
+                    row.finish_reason = "length"
+                else:
+                    still.append(slot)
+                    continue
+                if owner is not None:
+                    owner.unfinished -= 1
+                    if owner.unfinished == 0:
+                        answered.append(owner)
+            with self._stats_lock:  # counted before the answers go out: a caller may read the stats at once
+                self._stats.generated_tokens += len(running.rows)
+                self._stats.cancelled_rows += cancelled
+            if not still:  # before the answers: a caller may look at the model (its mode, weights) at once
+                self._end_batch()
+            for owner in answered:
+                self._answer(owner, self._outcome(owner, running.version))
+            if not still:
+                return
+            if len(still) < len(running.rows):
+                running.keep(still)
+                tokens = tokens[torch.tensor(still, device=tokens.device)]
+            # no_grad rather than inference_mode: the model is shared with a trainer, and tensors created
+            # lazily inside it under inference_mode could not be used in its backward pass later.
+            with torch.no_grad():
+                running.advance(self.model, tokens)
+        except Exception as exc:  # noqa: BLE001 - logged by _fail; a failure is this batch's callers' only
+            owners = {id(row.owner): row.owner for row in running.rows if row.owner is not None}
+            self._fail(owners.values(), exc)
+            if self._holding_weights:
+                self._end_batch()
+
+    def _outcome(self, pending: _Pending, version: int) -> GenerationResult | EngineError:
+        """What a request whose rows all finished gets: its completions, or why it stopped early."""
+        if pending.cancelled:  # its rows stopped early: the caller gave up, or close() stopped the batch
+            return EngineError(self._refusal() if self._closed else "request cancelled")
+        return GenerationResult(
+            completions=[row.completion() for row in pending.rows], policy_version=version, model=self.model_name
+        )
+
+    def _fail(self, owners: Any, exc: Exception) -> None:
+        """A batch step or a prefill raised ``exc``: fail the requests it held (their other rows stop too)."""
+        owners = list(owners)
+        logger.exception("engine batch of %d requests failed", len(owners))
+        with self._stats_lock:
+            self._stats.failed_batches += 1
+        for pending in owners:
+            pending.cancelled = True
+            error = EngineError(f"generation failed in a batch of {len(owners)} requests: {exc!r}")
+            error.__cause__ = exc
+            self._answer(pending, error)
+
+    def _answer(self, pending: _Pending, outcome: GenerationResult | BaseException) -> None:
+        with self._state_lock:
+            if pending in self._serving:
+                self._serving.remove(pending)
+        _settle(pending, outcome)
+
+    def _die(self, exc: BaseException) -> None:
         """The worker is dying of ``exc``: close the engine with the reason, fail every request it held or that
-        is still queued."""
+        is still queued, and let go of the weights."""
         logger.critical("engine %r worker thread died; the engine is stopped", self.model_name, exc_info=exc)
         with self._state_lock:
             self.failure = f"{type(exc).__name__}: {exc}"
             self._closed = True
-        pending = [item for item in held if isinstance(item, _Pending)]
+            pending = list(self._serving)
+            self._serving = []
+        if self._holding_weights:
+            self._end_batch()
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -372,130 +554,34 @@ class TransformersEngine:
             error.__cause__ = exc
             _settle(item, error)
 
-    def _serve(self, batch: list[_Pending]) -> None:
-        """Decode one collected batch and settle its futures; never raises (the worker must survive)."""
-        with self._state_lock:
-            if self._closed:  # what was queued before close() fails: see close()
-                for pending in batch:
-                    _settle(pending, EngineError(self._refusal()))
-                return
-            live = [pending for pending in batch if not pending.cancelled]  # skip callers that gave up
-            self._serving = live
-        if not live:
-            return
-        try:
-            rows_per_request = [_rows_of(pending, self._eos_ids) for pending in live]
-            all_rows = [row for rows in rows_per_request for row in rows]
-            with self.weights_lock:
-                version = self._policy_version
-                for start in range(0, len(all_rows), self.max_batch_size):
-                    self._decode_in_eval_mode(all_rows[start : start + self.max_batch_size])
-        except Exception as exc:  # any failure belongs to this batch's callers only
-            logger.exception("engine batch of %d requests failed", len(live))
-            with self._stats_lock:
-                self._stats.failed_batches += 1
-            for pending in live:
-                error = EngineError(f"generation failed in a batch of {len(live)} requests: {exc!r}")
-                error.__cause__ = exc
-                _settle(pending, error)
-            return
-        finally:
-            with self._state_lock:
-                self._serving = []
-        for pending, rows in zip(live, rows_per_request, strict=True):
-            if pending.cancelled:  # its rows stopped early: the caller gave up, or close() stopped the batch
-                _settle(pending, EngineError(self._refusal() if self._closed else "request cancelled"))
-                continue
-            result = GenerationResult(
-                completions=[row.completion() for row in rows], policy_version=version, model=self.model_name
-            )
-            _settle(pending, result)
-
-    def _decode_in_eval_mode(self, rows: list[_Row]) -> None:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            # no_grad rather than inference_mode: the model is shared with a trainer, and tensors created
-            # lazily inside it under inference_mode could not be used in its backward pass later.
-            with torch.no_grad():
-                self._decode(rows)
-        finally:
-            self.model.train(was_training)
-
-    def _decode(self, rows: list[_Row]) -> None:
-        """Sample every row to completion, one token per step, dropping rows from the batch as they finish."""
-        with self._stats_lock:
-            self._stats.batches += 1
-            self._stats.largest_batch = max(self._stats.largest_batch, len(rows))
-        cache, logits, attention_mask, next_position = self._prefill(rows)
-        active = list(range(len(rows)))
-        while True:
-            tokens, logprobs = _sample([rows[i] for i in active], logits)
-            still = []
-            cancelled = 0
-            for slot, (index, token, logprob) in enumerate(
-                zip(active, tokens.tolist(), logprobs, strict=True)
-            ):
-                row = rows[index]
-                row.ids.append(token)
-                row.logprobs.append(logprob)
-                if row.owner is not None:
-                    row.owner.report(row.index, token, logprob)
-                if row.owner is not None and row.owner.cancelled:
-                    row.finish_reason = "length"  # never read back: its caller is gone
-                    cancelled += 1
-                elif token in row.stop_ids:
-                    row.finish_reason = "stop"
-                elif len(row.ids) >= row.max_tokens:
-                    row.finish_reason = "length"
-                else:
-                    still.append(slot)
-            with self._stats_lock:
-                self._stats.generated_tokens += len(active)
-                self._stats.cancelled_rows += cancelled
-            if not still:
-                return
-            if len(still) < len(active):
-                keep = torch.tensor(still, device=tokens.device)
-                cache.batch_select_indices(keep)
-                attention_mask, next_position, tokens = (
-                    attention_mask[keep],
-                    next_position[keep],
-                    tokens[keep],
-                )
-                active = [active[slot] for slot in still]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=next_position[:, None],
-                cache=cache,
-                use_cache=True,
-            )
-            cache = out.cache
-            logits = out.logits[:, -1, :].float()
-            next_position = next_position + 1
-
-    def _prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _prefill(self, rows: list[_Row]) -> _Prefilled:
         """Run the distinct prompts once, their common prefix once (when it is at least
-        :data:`SHARED_PREFIX_MIN_TOKENS` long); return the KV cache, last logits, attention mask and next
-        position ids, expanded to one entry per row.
+        :data:`SHARED_PREFIX_MIN_TOKENS` long, or taken from the prefix the running batch already computed);
+        return the KV cache, last logits, attention mask and next position ids, expanded to one entry per row.
 
-        Layout of the batch: ``[shared prefix][padding][the prompt's own tokens]``, the padding masked out and
+        Layout of the rows: ``[shared prefix][padding][the prompt's own tokens]``, the padding masked out and
         the position ids counting only real tokens, so every row computes what it would alone."""
         device = next(self.model.parameters()).device
         distinct: dict[tuple[int, ...], int] = {}
         row_prompt = [distinct.setdefault(tuple(row.prompt_ids), len(distinct)) for row in rows]
         prompts = list(distinct)
         shared = _shared_prefix_length(prompts)
+        reused = self._prefix.usable_length(prompts) if self._prefix is not None else 0
         cache = None
-        if shared:
+        if reused and reused >= shared:
+            assert self._prefix is not None
+            shared = reused
+            cache = self._prefix.expanded(shared, len(prompts))
+            saved = shared * len(prompts)
+        elif shared:
             out = self.model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True,
                              logits_to_keep=1)
-            cache = out.cache
-            cache.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=device))
+            self._prefix = _CachedPrefix.of(prompts[0][:shared], out.cache)
+            cache = self._prefix.expanded(shared, len(prompts))
+            saved = shared * (len(prompts) - 1)
+        if cache is not None:
             with self._stats_lock:
-                self._stats.shared_prefix_tokens += shared * (len(prompts) - 1)
+                self._stats.shared_prefix_tokens += saved
         width = max(len(prompt) for prompt in prompts) - shared
         input_ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
@@ -507,7 +593,7 @@ class TransformersEngine:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         logger.debug(
-            "decoding %d rows (%d distinct prompts, %d shared prefix tokens, the rest padded to %d tokens)",
+            "prefilling %d rows (%d distinct prompts, %d shared prefix tokens, the rest padded to %d tokens)",
             len(rows), len(prompts), shared, width,
         )
         out = self.model(
@@ -529,7 +615,187 @@ class TransformersEngine:
                 attention_mask[expand],
                 next_position[expand],
             )
-        return cache, logits, attention_mask, next_position
+        return _Prefilled(cache=cache, logits=logits, attention_mask=attention_mask, next_position=next_position)
+
+
+@dataclass
+class _Prefilled:
+    """Rows whose prompts just ran: their KV cache (one entry per row), the logits of their first token, their
+    attention mask (``[rows, columns]``) and the position of their next token."""
+
+    cache: Any
+    logits: torch.Tensor
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+
+
+@dataclass
+class _CachedPrefix:
+    """The KV cache of a prompt prefix that a batch's prompts shared (an agent's system prompt and tool schema),
+    kept while the batch runs so that requests joining it later start from it instead of running it again."""
+
+    tokens: tuple[int, ...]
+    #: per layer, keys and values of shape ``[1, heads, len(tokens), head_dim]``
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def of(cls, tokens: Sequence[int], cache: Any) -> _CachedPrefix:
+        return cls(tuple(tokens), [(layer.keys, layer.values) for layer in cache.layers])
+
+    def usable_length(self, prompts: list[tuple[int, ...]]) -> int:
+        """How many leading tokens every prompt shares with this prefix: 0 under
+        :data:`SHARED_PREFIX_MIN_TOKENS`; never a whole prompt (each keeps a token whose logits start it)."""
+        length = min([len(self.tokens), *(len(prompt) - 1 for prompt in prompts)])
+        for prompt in prompts:
+            same = 0
+            while same < length and prompt[same] == self.tokens[same]:
+                same += 1
+            length = same
+        return length if length >= SHARED_PREFIX_MIN_TOKENS else 0
+
+    def expanded(self, length: int, rows: int) -> Any:
+        """A cache holding the first ``length`` prefix tokens for each of ``rows`` prompts."""
+        return DynamicCache(
+            ddp_cache_data=[
+                (keys[:, :, :length].expand(rows, -1, -1, -1), values[:, :, :length].expand(rows, -1, -1, -1))
+                for keys, values in self.layers
+            ]
+        )
+
+
+class _BufferLayer(DynamicLayer):
+    """One layer's keys and values in buffers with room for the tokens still to come: a decode step writes its
+    token in place, where :class:`DynamicLayer` concatenates (``torch.cat`` copied the whole cache every step,
+    about half of a 16-row decode step on a CPU; ``benchmarks/bench_engine_batching.py``)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.key_buffer, self.value_buffer, self.length = keys, values, length
+        self.device = keys.device
+        self.is_initialized = True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:  # more tokens than planned for: double the room
+            self.key_buffer = _widened(self.key_buffer, self.length, 2 * end)
+            self.value_buffer = _widened(self.value_buffer, self.length, 2 * end)
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer = self.key_buffer[indices]
+        self.value_buffer = self.value_buffer[indices]
+        self._expose()
+
+    def drop_leading(self, columns: int) -> None:
+        """Forget the first ``columns`` columns (masked out for every row left)."""
+        self.key_buffer = self.key_buffer[:, :, columns:]
+        self.value_buffer = self.value_buffer[:, :, columns:]
+        self.length -= columns
+        self._expose()
+
+
+def _widened(buffer: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    """``buffer``'s first ``length`` columns in a buffer of ``capacity`` columns (the others left unwritten:
+    never read before a token is written there, and memory the system only commits once written)."""
+    wider = buffer.new_empty((*buffer.shape[:2], capacity, buffer.shape[-1]))
+    wider[:, :, :length] = buffer[:, :, :length]
+    return wider
+
+
+@dataclass
+class _Running:
+    """The batch being decoded: its rows, their KV cache (:class:`_BufferLayer` layers), attention mask
+    (``[rows, columns]``: rows that joined at different times are right-aligned, earlier columns masked),
+    next positions and the logits their next token is sampled from."""
+
+    version: int
+    rows: list[_Row] = field(default_factory=list)
+    cache: Any = None
+    attention_mask: torch.Tensor | None = None
+    next_position: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, version: int) -> _Running:
+        return cls(version=version)
+
+    def join(self, rows: list[_Row], part: _Prefilled) -> None:
+        """Add prefilled rows: both sides are right-aligned in new buffers with room for every row's remaining
+        tokens (one copy per join, instead of one per decode step)."""
+        columns = part.attention_mask.shape[1]
+        if self.attention_mask is not None:
+            columns = max(columns, self.attention_mask.shape[1])
+        room = columns + max(row.max_tokens - len(row.ids) for row in [*self.rows, *rows])
+        sides = [part.cache.layers] if self.cache is None else [self.cache.layers, part.cache.layers]
+        layers = [
+            _BufferLayer(_aligned([side.keys for side in group], columns, room),
+                         _aligned([side.values for side in group], columns, room), columns)
+            for group in zip(*sides, strict=True)
+        ]
+        masks = [part.attention_mask] if self.attention_mask is None else [self.attention_mask, part.attention_mask]
+        self.attention_mask = torch.cat(
+            [torch.nn.functional.pad(mask, (columns - mask.shape[1], 0)) for mask in masks]
+        )
+        self.next_position = part.next_position if self.next_position is None else torch.cat(
+            [self.next_position, part.next_position])
+        self.logits = part.logits if self.logits is None else torch.cat([self.logits, part.logits])
+        part.cache.layers = layers
+        self.cache = part.cache
+        self.rows = [*self.rows, *rows]
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep only the rows at ``slots``; columns no row attends to any more are dropped."""
+        assert self.attention_mask is not None and self.next_position is not None
+        keep = torch.tensor(slots, device=self.attention_mask.device)
+        self.cache.batch_select_indices(keep)
+        self.attention_mask, self.next_position = self.attention_mask[keep], self.next_position[keep]
+        self.rows = [self.rows[slot] for slot in slots]
+        unused = int(self.attention_mask.any(dim=0).long().argmax())
+        if unused:
+            for layer in self.cache.layers:
+                layer.drop_leading(unused)
+            self.attention_mask = self.attention_mask[:, unused:]
+
+    def advance(self, model: Any, tokens: torch.Tensor) -> None:
+        """Run ``tokens`` (one per row) through the model; their logits are what the next step samples from."""
+        assert self.attention_mask is not None and self.next_position is not None
+        self.attention_mask = torch.cat(
+            [self.attention_mask, self.attention_mask.new_ones((len(self.rows), 1))], dim=1)
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=self.attention_mask,
+            position_ids=self.next_position[:, None],
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.cache
+        self.logits = out.logits[:, -1, :].float()
+        self.next_position = self.next_position + 1
+
+
+def _aligned(parts: list[torch.Tensor], columns: int, room: int) -> torch.Tensor:
+    """Stack ``[rows, heads, length, dim]`` tensors along rows in a ``room``-column buffer, each right-aligned
+    at column ``columns`` (the columns left of a shorter part are masked out for its rows)."""
+    heads, dim = parts[0].shape[1], parts[0].shape[-1]
+    buffer = parts[0].new_empty((sum(part.shape[0] for part in parts), heads, room, dim))
+    start = 0
+    for part in parts:
+        rows, pad = slice(start, start + part.shape[0]), columns - part.shape[-2]
+        buffer[rows, :, :pad] = 0  # masked out, but read: attention weighs it by 0, and 0 x garbage may be NaN
+        buffer[rows, :, pad:columns] = part
+        start += part.shape[0]
+    return buffer  # columns from ``columns`` on are written by the decode steps before they are read
 
 
 def _shared_prefix_length(prompts: list[tuple[int, ...]]) -> int:
