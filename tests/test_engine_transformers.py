@@ -43,6 +43,18 @@ def chat_prompt(tokenizer: Any, question: str) -> list[int]:
     )
 
 
+#: a system prompt long enough that the prompts of an agent share a prefix worth computing once
+SYSTEM = "You are a scheduling assistant. Pick the best room that passes every check, else No Room. " * 2
+
+
+def agent_prompt(tokenizer: Any, question: str) -> list[int]:
+    """``question`` after the shared :data:`SYSTEM` prompt, as an agent's chat calls start."""
+    return tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        add_generation_prompt=True, tokenize=True, return_dict=False,
+    )
+
+
 async def generate_all(
     engine: TransformersEngine, requests: list[GenerationRequest]
 ) -> list[GenerationResult]:
@@ -100,15 +112,7 @@ def test_a_prompt_prefix_shared_by_a_batch_is_computed_once_and_changes_nothing(
     """An agent's requests share its system prompt: a batch computes that prefix once and each prompt only its own
     tokens, with the same tokens and logprobs as each prompt alone (greedy and seeded sampling alike)."""
     engine = make_engine(batch_window_ms=200)
-    system = "You are a scheduling assistant. Pick the best room that passes every check, else No Room. " * 2
-
-    def prompt(question: str) -> list[int]:
-        return engine.tokenizer.apply_chat_template(
-            [{"role": "system", "content": system}, {"role": "user", "content": question}],
-            add_generation_prompt=True, tokenize=True, return_dict=False,
-        )
-
-    prompts = [prompt(question) for question in QUESTIONS]
+    prompts = [agent_prompt(engine.tokenizer, question) for question in QUESTIONS]
     shared = _shared_prefix_length([tuple(p) for p in prompts])
     assert shared >= SHARED_PREFIX_MIN_TOKENS and len({len(p) for p in prompts}) == len(prompts)
     requests = [greedy(p) for p in prompts] + [
@@ -132,16 +136,9 @@ def test_a_request_joins_the_running_batch_and_is_answered_before_it_ends(
     batch), starts from the system-prompt prefix the batch already computed, and is answered as soon as its own
     rows finish, with the tokens and logprobs it gets alone."""
     engine = make_engine(batch_window_ms=0)
-    system = "You are a scheduling assistant. Pick the best room that passes every check, else No Room. " * 2
-
-    def prompt(question: str) -> list[int]:
-        return engine.tokenizer.apply_chat_template(
-            [{"role": "system", "content": system}, {"role": "user", "content": question}],
-            add_generation_prompt=True, tokenize=True, return_dict=False,
-        )
-
-    early = [greedy(prompt(QUESTIONS[0]), max_tokens=40), greedy(prompt(QUESTIONS[3]), max_tokens=40)]
-    late = GenerationRequest(prompt_ids=prompt(QUESTIONS[1]), max_tokens=4, temperature=1.0, seed=3, n=2)
+    early = [greedy(agent_prompt(engine.tokenizer, QUESTIONS[0]), max_tokens=40),
+             greedy(agent_prompt(engine.tokenizer, QUESTIONS[3]), max_tokens=40)]
+    late = GenerationRequest(prompt_ids=agent_prompt(engine.tokenizer, QUESTIONS[1]), max_tokens=4, temperature=1.0, seed=3, n=2)
     alone = [run(engine.generate(request)) for request in [*early, late]]
     batches_before = engine.stats.batches
     prefix_before = engine.stats.shared_prefix_tokens
