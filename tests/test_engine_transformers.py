@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -364,6 +365,30 @@ def test_generation_runs_in_eval_mode_and_restores_train_mode(tiny_engine: Trans
     run(tiny_engine.generate(greedy(chat_prompt(tiny_engine.tokenizer, QUESTIONS[0]), max_tokens=3)))
     assert modes == [False, False, False]
     assert tiny_engine.model.training
+
+
+def test_close_while_a_batch_decodes_stops_it_and_fails_its_requests(
+    make_engine: Callable[..., TransformersEngine],
+) -> None:
+    """close() during a running batch (a run stopped by SIGTERM mid-rollouts): the batch stops at its next step,
+    its requests and the queued ones fail with "is closed", and the worker thread ends (close() returns)."""
+    engine = make_engine(max_batch_size=2)
+    prompt = chat_prompt(engine.tokenizer, QUESTIONS[1])
+
+    async def scenario() -> list[BaseException | GenerationResult]:
+        started = asyncio.Event()
+        calls = [asyncio.create_task(engine.generate(greedy(prompt, max_tokens=500), lambda *_: started.set()))
+                 for _ in range(3)]  # two decode, one waits for room
+        await started.wait()
+        closing = threading.Thread(target=engine.close)
+        closing.start()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.to_thread(closing.join, 60)
+        assert not closing.is_alive(), "close() did not return: the worker thread is still waiting"
+        return outcomes
+
+    outcomes = run(scenario())
+    assert all(isinstance(outcome, EngineError) and "is closed" in str(outcome) for outcome in outcomes)
 
 
 def test_closed_engine_refuses_requests(tiny_engine: TransformersEngine) -> None:

@@ -349,6 +349,8 @@ class TransformersEngine:
         try:
             while True:
                 if self._running is None and not self._waiting:
+                    if self._stopping:  # close() was called and the last batch has stopped
+                        return
                     self._take(self._queue.get())  # idle: wait for work, then for batch mates
                     self._collect_window()
                 else:
@@ -360,8 +362,6 @@ class TransformersEngine:
                 self._admit()
                 if self._running is not None:
                     self._step()
-                elif self._stopping:
-                    return
         except BaseException as exc:  # noqa: BLE001 - logged and kept as the engine's failure; the thread ends
             self._die(exc)
 
