@@ -179,7 +179,8 @@ def test_kill_9_mid_step_then_resume_loses_and_repeats_nothing(tmp_path: Path, t
 
 
 # -- the engine's worker thread dying ------------------------------------------------------------------------
-def _crash_worker(self: TransformersEngine, batch: list[Any]) -> None:
+def _crash_worker(self: TransformersEngine) -> None:
+    """In place of the worker's step that admits queued rows: an error outside a batch's decode kills the thread."""
     raise RuntimeError("injected: decode thread crashed")
 
 
@@ -190,7 +191,7 @@ def test_engine_worker_death_is_a_503_naming_the_reason(
     with 503 and the reason; nothing is recorded; the gateway itself keeps answering."""
     store = MemoryStore()
     start_rollouts(store, ["ro-a", "ro-b"])
-    monkeypatch.setattr(tiny_engine, "_serve", _crash_worker.__get__(tiny_engine))
+    monkeypatch.setattr(tiny_engine, "_admit", _crash_worker.__get__(tiny_engine))
     body = {"model": tiny_engine.model_name, "messages": QUESTION, "max_tokens": 2}
     with serve(tiny_engine, store) as served:
         for rollout_id in ("ro-a", "ro-b"):
@@ -207,14 +208,14 @@ def test_engine_death_mid_training_stops_the_run_with_the_reason(
 ) -> None:
     """The engine's worker dies once step 0 trained: step 1's rollouts fail fast with 503s, and the run stops
     with the engine's reason before any optimiser step on them."""
-    serve_batch = TransformersEngine._serve
+    admit = TransformersEngine._admit
 
-    def crash_after_step_0(self: TransformersEngine, batch: list[Any]) -> None:
+    def crash_after_step_0(self: TransformersEngine) -> None:
         if self.policy_version >= 1:
-            _crash_worker(self, batch)
-        serve_batch(self, batch)
+            _crash_worker(self)
+        admit(self)
 
-    monkeypatch.setattr(TransformersEngine, "_serve", crash_after_step_0)
+    monkeypatch.setattr(TransformersEngine, "_admit", crash_after_step_0)
     recipe = parse_recipe({
         "name": "engine-dies", "output_dir": str(tmp_path), "model": {"name": str(tiny_model_dir)},
         "env": {"name": "even_length_env:EvenLengthEnv", "mode": "any", "options": {"n_tasks": 4}},
