@@ -57,7 +57,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -435,7 +435,7 @@ class TransformersEngine:
             if starting:
                 self._end_batch()
             return
-        running = self._running if self._running is not None else _Running.empty(self._policy_version)
+        running = self._running if self._running is not None else _Running(version=self._policy_version)
         running.join(joining, part)
         self._running = running
         with self._stats_lock:
@@ -518,7 +518,7 @@ class TransformersEngine:
             completions=[row.completion() for row in pending.rows], policy_version=version, model=self.model_name
         )
 
-    def _fail(self, owners: Any, exc: Exception) -> None:
+    def _fail(self, owners: Iterable[_Pending], exc: Exception) -> None:
         """A batch step or a prefill raised ``exc``: fail the requests it held (their other rows stop too)."""
         owners = list(owners)
         logger.exception("engine batch of %d requests failed", len(owners))
@@ -648,15 +648,9 @@ class _CachedPrefix:
         return cls(tuple(tokens), [(layer.keys, layer.values) for layer in cache.layers])
 
     def usable_length(self, prompts: list[tuple[int, ...]]) -> int:
-        """How many leading tokens every prompt shares with this prefix: 0 under
-        :data:`SHARED_PREFIX_MIN_TOKENS`; never a whole prompt (each keeps a token whose logits start it)."""
-        length = min([len(self.tokens), *(len(prompt) - 1 for prompt in prompts)])
-        for prompt in prompts:
-            same = 0
-            while same < length and prompt[same] == self.tokens[same]:
-                same += 1
-            length = same
-        return length if length >= SHARED_PREFIX_MIN_TOKENS else 0
+        """How many leading tokens every prompt shares with this prefix, by :func:`_shared_prefix_length`'s rule
+        (the end marker, no token id, lets the whole prefix count)."""
+        return _shared_prefix_length([(*self.tokens, -1), *prompts])
 
     def expanded(self, length: int, rows: int) -> Any:
         """A cache holding the first ``length`` prefix tokens for each of ``rows`` prompts."""
@@ -730,10 +724,6 @@ class _Running:
     attention_mask: torch.Tensor | None = None
     next_position: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-
-    @classmethod
-    def empty(cls, version: int) -> _Running:
-        return cls(version=version)
 
     def join(self, rows: list[_Row], part: _Prefilled) -> None:
         """Add prefilled rows: both sides are right-aligned in new buffers with room for every row's remaining
