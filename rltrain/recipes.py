@@ -535,6 +535,13 @@ class WarmStartConfig(_Section):
         description="Longest trained sequence (prompt + completion, every turn); a longer demonstration stops the "
         "warm start with the length it needs (it is never cut: its end is the answer).",
     )
+    share_prefix_forward: bool = Field(
+        default=True,
+        description="Run the leading tokens every demonstration of a batch shares (the system prompt, the tools' "
+        "schema) once per batch; the rest of each row runs with that KV cache (the same loss and gradients as "
+        "TRL's pass over whole rows; benchmarks/bench_shared_prompt.py). Off under gradient checkpointing. Off: "
+        "TRL's pass.",
+    )
 
 
 class SFTSection(WarmStartConfig, AlgorithmConfig):

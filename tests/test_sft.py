@@ -23,7 +23,7 @@ from rltrain.recipes import LoraConfig, RecipeError, WarmStartConfig, parse_reci
 from rltrain.serving import ServingStack
 from rltrain.store import SqliteStore
 from rltrain.trainer import Trainer
-from rltrain.types import LLMCallRecord, SpanKind
+from rltrain.types import LLMCallRecord, SpanKind, Trajectory
 
 
 @pytest.fixture(autouse=True)
@@ -227,3 +227,50 @@ def test_training_progress_shows_a_bar_and_prints_no_log_dicts(tmp_path: Path, t
     kinds = [type(cb) for cb in trainer.callback_handler.callbacks]
     assert PrinterCallback not in kinds and ProgressCallback not in kinds
     assert (StepProgress in kinds) is progress
+
+
+def demonstration_rows(count: int) -> list[Trajectory]:
+    """Rows as the gateway records tool-mode demonstrations: one shared system prompt, a request of its own (1 to 5
+    tokens), then assistant turns with an environment turn (a tool result, env_mask 0) between them."""
+    generator = torch.Generator().manual_seed(5)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(5, 300, (n,), generator=generator).tolist()
+
+    system = tokens(24)
+    rows = []
+    for row in range(count):
+        request, call, result, answer = (tokens(int(torch.randint(low, high, (), generator=generator)))
+                                         for low, high in ((1, 6), (3, 7), (4, 9), (1, 4)))
+        completion = call + result + answer
+        rows.append(Trajectory(
+            rollout_id=f"r{row}", prompt_ids=system + request, completion_ids=completion,
+            logprobs=[0.0] * len(completion), env_mask=[1] * len(call) + [0] * len(result) + [1] * len(answer),
+            reward=1.0, group_id=f"r{row}", policy_version=0,
+        ))
+    return rows
+
+
+def sft_run(model_dir: Path, rows: list[Trajectory], out: Path, *, share: bool) -> tuple[list[dict], dict]:
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    config = WarmStartConfig(max_steps=3, batch_size=4, learning_rate=0.01, share_prefix_forward=share)
+    trainer, _ = build_sft_trainer(model, tokenizer, rows, config, LoraConfig(r=4, alpha=8), out, seed=3,
+                                   progress=False)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    return logs, weights
+
+
+def test_the_shared_prefix_runs_once_and_trains_as_whole_rows(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = demonstration_rows(8)
+    whole_logs, whole = sft_run(tiny_model_dir, rows, tmp_path / "whole", share=False)
+    shared_logs, shared = sft_run(tiny_model_dir, rows, tmp_path / "shared", share=True)
+    assert [round(e["loss"], 4) for e in shared_logs] == [round(e["loss"], 4) for e in whole_logs]
+    for key in ("mean_token_accuracy", "num_tokens"):
+        assert [e[key] for e in shared_logs] == pytest.approx([e[key] for e in whole_logs], abs=1e-5), key
+    assert all(e["shared_prefix/tokens"] == 24 for e in shared_logs), "the system prompt runs once a batch"
+    assert "shared_prefix/tokens" not in whole_logs[0]
+    assert whole.keys() == shared.keys() and len(whole) > 0
+    for name, weight in whole.items():
+        torch.testing.assert_close(shared[name], weight, rtol=1e-4, atol=1e-5)

@@ -336,6 +336,7 @@ class AgentGRPOTrainer(GRPOTrainer):
             if shared is not None:
                 mode = "train" if self.model.training else "eval"
                 self._metrics[mode]["shared_prompt/rows_per_pass"].append(shared.rows_per_prompt)
+                self._metrics[mode]["shared_prompt/completion_tokens_once"].append(shared.shared_completion_tokens)
                 return shared.logps, shared.entropies, None
         return super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
