@@ -111,6 +111,8 @@ def main() -> None:
                         help="completion tokens every row has, before its own (a tool call and its result)")
     parser.add_argument("--repeats", type=int, default=3, help="timed trials per side")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-RSS runs (TRL's whole-row pass of 8 tool rows peaks near 20 GB)")
     parser.add_argument("--memory-of", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON (for run_all.py)")
     args = parser.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
         return
     # memory first, while this process holds nothing: the whole-row pass peaks at many GB, and a parent that has
     # already run it keeps much of that heap, so both together can exceed a 24 GB machine
-    memory = {side: peak_mb_of(side, args) for side in SIDES}
+    memory = {side: (None if args.no_memory else peak_mb_of(side, args)) for side in SIDES}
     model, ids, mask = build(args.generations, args.completion, args.shared_completion)
     scored = args.completion + args.shared_completion
     log(f"{args.generations} rows of {ids.size(1)} tokens ({ids.size(1) - scored} prompt, "
@@ -136,12 +138,11 @@ def main() -> None:
     label = f"GRPO loss pass, {args.generations} x {ids.size(1)} tokens"
     if args.shared_completion:
         label += f" ({args.shared_completion} completion tokens shared)"
-    rows = [
-        Row("shared_prompt", f"{label}, forward + backward", "s", median(times["rltrain"]), median(times["trl"]),
-            higher_is_better=False, note="peer: TRL 1.16 GRPOTrainer's whole-row pass"),
-        Row("shared_prompt", f"{label}, peak RSS growth", "MB", memory["rltrain"], memory["trl"],
-            higher_is_better=False, note="each side in a fresh process"),
-    ]
+    rows = [Row("shared_prompt", f"{label}, forward + backward", "s", median(times["rltrain"]), median(times["trl"]),
+                higher_is_better=False, note="peer: TRL 1.16 GRPOTrainer's whole-row pass")]
+    if memory["rltrain"] is not None:
+        rows.append(Row("shared_prompt", f"{label}, peak RSS growth", "MB", memory["rltrain"], memory["trl"],
+                        higher_is_better=False, note="each side in a fresh process"))
     report(rows)
 
 
