@@ -142,11 +142,15 @@ class ServingStack:
             self._service.release_rollout(rollout.rollout_id)
 
     def stop(self) -> None:
+        """Close the engine, then the gateway. A run that ends normally has nothing in flight; an interrupted one
+        (Ctrl-C, SIGTERM) may have generations running for agents that are gone: closing the engine first fails them
+        at once and their requests are answered 503, where stopping the gateway first waited 10 s on them and then
+        cancelled them, a traceback per request in the log."""
+        if self.engine is not None:
+            self.engine.close()
         if self._server is not None:
             self._server.stop()
             self._server = None
-        if self.engine is not None:
-            self.engine.close()
 
     def __enter__(self) -> Self:
         return self.start()

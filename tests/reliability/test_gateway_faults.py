@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +28,8 @@ from rltrain.engines.base import EngineError, GenerationRequest
 from rltrain.engines.transformers import TransformersEngine
 from rltrain.gateway.completions import DEFAULT_MAX_TOKENS
 from rltrain.gateway.schemas import ChatCompletionRequest
+from rltrain.recipes import parse_recipe
+from rltrain.serving import ServingStack
 from rltrain.store import MemoryStore
 
 #: bounds on waits for an event; the tests never assert on time
@@ -39,9 +42,11 @@ class ForwardGate:
     def __init__(self, engine: TransformersEngine, permits: int) -> None:
         self.permits = threading.Semaphore(permits)
         self.open = False
+        self.entered = 0  # forward passes begun, the one waiting for a permit included
         self._forward = engine.model.forward
 
         def gated(*args: Any, **kwargs: Any) -> Any:
+            self.entered += 1
             if not self.open:
                 self.permits.acquire(timeout=EVENT_LIMIT_S)
             return self._forward(*args, **kwargs)
@@ -298,3 +303,32 @@ def test_streamed_text_with_stop_strings_and_tools_joins_to_the_served_text(engi
         for fields in ({"max_tokens": 24, "stop": [stop]}, {"max_tokens": 24, "tools": tools},
                        {"max_tokens": 24, "tools": tools, "stop": [stop, "zz"]}):
             assert _streamed_text(served.url, _request(engine, **fields)) == served_text(**fields), fields
+
+
+def test_a_stack_stopped_mid_generation_answers_503_and_logs_no_traceback(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ctrl-C or SIGTERM mid-evaluation: the serving stack stops while a generation runs for an agent that is gone.
+    # The forward pass is held at the gate until the engine is closed, so the generation outlasts the gateway's
+    # 10 s grace if the gateway stops first (it then cancels the request: a traceback, and no answer).
+    recipe = parse_recipe({"output_dir": str(tmp_path), "model": {"name": str(tiny_model_dir)}})
+    stack = ServingStack(recipe, MemoryStore()).start()
+    gate = ForwardGate(stack.engine, permits=1)  # the prompt pass runs, the first decode step waits
+    close = stack.engine.close
+
+    def close_then_open() -> None:
+        gate.free()
+        close()
+
+    stack.engine.close = close_then_open  # type: ignore[method-assign]
+    answers: list[httpx.Response] = []
+    client = threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{stack.url}/v1/chat/completions", timeout=EVENT_LIMIT_S,
+        json={"model": stack.model_name, "messages": QUESTION, "max_tokens": 8})))
+    client.start()
+    _wait_for(lambda: gate.entered >= 2, "a decode step waiting at the gate")
+    stack.stop()
+    client.join(EVENT_LIMIT_S)
+    assert [answer.status_code for answer in answers] == [503]
+    assert error_of(answers[0], 503)["type"] == "engine_unavailable"
+    assert "Exception in ASGI application" not in caplog.text
