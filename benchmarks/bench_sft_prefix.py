@@ -4,7 +4,7 @@ runs the prefix the batch shares once.
 The workload is the tool ladder's warm start (``recipes/room_selection_tool_ladder_cpu.yaml``): SmolLM2-135M-Instruct
 with LoRA r=16 on all linear layers, batches of ``--batch`` demonstrations of the ``checks`` tool conversation as
 the gateway renders it (system prompt with the tool's schema, the request, the teacher's tool call, the real tool
-result, the solver's answer: ~780 tokens a row, ~450 of them the same in every row). Every token after the first
+result, the solver's answer: ~780 tokens a row, ~510 of them the same in every row). Every token after the first
 call's prompt is scored (the recipe's rows mask the tool result; on CPU TRL's head projects every position either
 way, so the cost is the same).
 

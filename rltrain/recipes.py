@@ -539,7 +539,7 @@ class WarmStartConfig(_Section):
         default=True,
         description="Run the leading tokens every demonstration of a batch shares (the system prompt, the tools' "
         "schema) once per batch; the rest of each row runs with that KV cache (the same loss and gradients as "
-        "TRL's pass over whole rows; benchmarks/bench_shared_prompt.py). Off under gradient checkpointing. Off: "
+        "TRL's pass over whole rows; benchmarks/bench_sft_prefix.py). Off under gradient checkpointing. Off: "
         "TRL's pass.",
     )
 

@@ -20,7 +20,7 @@ Rotary position embeddings make the result independent of where TRL's left paddi
 unpadded prompt (positions from 0, as the engine sampled it) gives the same values.
 
 The warm start has the same waste in another shape: every demonstration has its own request, but all of them begin
-with the same system prompt (in tool mode with the tools' schema: ~450 of a ~780-token row), and TRL's SFT loss runs
+with the same system prompt (in tool mode with the tools' schema: ~510 of a ~780-token row), and TRL's SFT loss runs
 every row whole. :func:`shared_prefix_inputs` runs the columns every row of a batch shares once and hands TRL's loss
 the rest of each row with that cache.
 
