@@ -43,7 +43,9 @@ IGNORE_INDEX = -100
 
 
 def checkpoints_activations(model: torch.nn.Module) -> bool:
-    """Whether a layer of ``model`` recomputes its activations in backward (and so would ignore a KV cache)."""
+    """Whether a layer of ``model`` recomputes its activations in backward (and so would ignore a KV cache).
+    transformers' ``is_activation_checkpointing`` asks the same, but only of its own models: the trainers pass
+    models wrapped by PEFT or DDP here, whose modules are all one can rely on."""
     return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
 
@@ -107,7 +109,8 @@ def shared_prompt_logps(
         completions, completion_mask = input_ids[rows, prompt_length:], attention_mask[rows, prompt_length:]
         shared = shared_completion_length(completions, completion_mask) if len(group.rows) > 1 else 0
         prefix = torch.tensor([group.prompt[:-1]], dtype=input_ids.dtype, device=device)
-        cache = DynamicCache()
+        cached = prefix.size(1) + shared  # tokens run once, whose cache the rows share
+        cache = DynamicCache() if cached else None
         with autocast():
             if prefix.size(1):
                 model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
@@ -116,16 +119,16 @@ def shared_prompt_logps(
                 run = torch.cat([torch.tensor([group.prompt[-1:]], dtype=input_ids.dtype, device=device),
                                  completions[:1, :shared - 1]], dim=1)
                 head = model(input_ids=run, cache=cache, shift_labels=completions[:1, :shared], fused_lm_head=True)
-        if prefix.size(1) or shared:
+        if cache is not None:
             cache.batch_repeat_interleave(len(group.rows))
         last = (completions[:, shared - 1:shared] if shared
                 else torch.full((len(group.rows), 1), group.prompt[-1], dtype=input_ids.dtype, device=device))
         suffix = torch.cat([last, completions[:, shared:]], dim=1)
         scored = torch.cat([torch.zeros_like(last), completion_mask[:, shared:]], dim=1)
-        mask = torch.cat([torch.ones(len(group.rows), prefix.size(1) + shared, dtype=attention_mask.dtype,
-                                     device=device), torch.ones_like(last), completion_mask[:, shared:]], dim=1)
+        mask = torch.cat([torch.ones(len(group.rows), cached, dtype=attention_mask.dtype, device=device),
+                          torch.ones_like(last), completion_mask[:, shared:]], dim=1)
         with autocast():
-            out = model(input_ids=suffix, attention_mask=mask, cache=cache if prefix.size(1) or shared else None,
+            out = model(input_ids=suffix, attention_mask=mask, cache=cache,
                         labels=suffix.masked_fill(scored == 0, IGNORE_INDEX), fused_lm_head=True)
         logps.append(_joined(head.log_probs if head is not None else None, out.log_probs))
         if compute_entropy:
@@ -146,12 +149,17 @@ def _joined(head: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
     return rows if head is None else torch.cat([head.expand(rows.size(0), -1), rows], dim=1)
 
 
+def _common_columns(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many leading columns every row holds unpadded with the same token."""
+    same = (ids == ids[:1]).all(dim=0) & mask.bool().all(dim=0)
+    return int(same.long().cumprod(dim=0).sum())
+
+
 def shared_completion_length(completions: torch.Tensor, mask: torch.Tensor) -> int:
     """How many leading completion tokens every row of a group has the same and unpadded, leaving every row at
     least one token of its own (an agent's rows repeat its tool call and the tool's result whenever the
     model wrote the same call: only the final answers differ)."""
-    same = (completions == completions[:1]).all(dim=0) & mask.bool().all(dim=0)
-    return max(0, min(int(same.long().cumprod(dim=0).sum()), int(mask.sum(dim=1).min()) - 1))
+    return max(0, min(_common_columns(completions, mask), int(mask.sum(dim=1).min()) - 1))
 
 
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> int:
@@ -159,11 +167,9 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     tokens, stopping before the column ahead of the first scored label of any row. (The head scores a label from
     the position before it; the rows' own pass starts at the prefix's end, so the prefix's last position must not
     be the one that scores a label.)"""
-    same = (input_ids == input_ids[:1]).all(dim=0) & attention_mask.bool().all(dim=0)
-    common = int(same.long().cumprod(dim=0).sum())
     scored = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     first_scored = int(scored[0]) if scored.numel() else input_ids.size(1)
-    return min(common, first_scored - 1)
+    return min(_common_columns(input_ids, attention_mask), first_scored - 1)
 
 
 def shared_prefix_inputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, object] | None:
